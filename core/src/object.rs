@@ -1,0 +1,165 @@
+//! Chunk objects: how a chunk is stored and sent.
+//!
+//! One flag byte, then the body: `0` = raw bytes, `1` = one zstd frame. The encoder keeps
+//! zstd only when it makes the chunk smaller, so a valid object is never longer than the
+//! chunk plus one byte; the decoder refuses anything longer, stops decompressing one byte
+//! past the length the index gives (a zip bomb costs nothing), and checks the BLAKE3 id
+//! before handing the bytes back.
+
+use std::io::Read;
+
+use crate::ids::ChunkId;
+
+/// Flag byte of a raw object.
+pub const FLAG_RAW: u8 = 0;
+/// Flag byte of a zstd object.
+pub const FLAG_ZSTD: u8 = 1;
+/// Default zstd level: fast to encode, decodes at memory speed.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// Why a chunk object was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ObjectError {
+    /// Zero bytes.
+    #[error("chunk object is empty")]
+    Empty,
+    /// Unknown flag byte.
+    #[error("chunk object has unknown encoding flag {0:#04x}")]
+    UnknownEncoding(u8),
+    /// Longer than a valid object for this chunk can be.
+    #[error("chunk object is {actual} bytes, more than the {limit} a chunk of this length can take")]
+    TooLarge {
+        /// Object length.
+        actual: u64,
+        /// Largest valid object.
+        limit: u64,
+    },
+    /// The body yields more bytes than the index says the chunk has.
+    #[error("chunk object decompresses past the {limit} bytes the index allows")]
+    DecompressesPastLength {
+        /// The chunk length from the index.
+        limit: u32,
+    },
+    /// The body yields fewer bytes than the index says.
+    #[error("chunk object yields {actual} bytes, the index says {expected}")]
+    LengthMismatch {
+        /// Length from the index.
+        expected: u32,
+        /// Bytes produced.
+        actual: u64,
+    },
+    /// The zstd frame is corrupt.
+    #[error("chunk object is not a valid zstd frame: {0}")]
+    Corrupt(#[source] std::io::Error),
+    /// The bytes do not hash to the expected id.
+    #[error("chunk bytes hash to {actual}, expected {expected}")]
+    IdMismatch {
+        /// The id asked for.
+        expected: ChunkId,
+        /// The id of what arrived.
+        actual: ChunkId,
+    },
+}
+
+/// Encodes a chunk, compressing with zstd at `level` when that makes it smaller.
+pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
+    if let Ok(compressed) = zstd::bulk::compress(data, level)
+        && compressed.len() < data.len()
+    {
+        let mut out = Vec::with_capacity(compressed.len() + 1);
+        out.push(FLAG_ZSTD);
+        out.extend_from_slice(&compressed);
+        return out;
+    }
+    let mut out = Vec::with_capacity(data.len() + 1);
+    out.push(FLAG_RAW);
+    out.extend_from_slice(data);
+    out
+}
+
+/// Largest valid object for a chunk of `len` bytes.
+pub fn max_object_len(len: u32) -> u64 {
+    u64::from(len) + 1
+}
+
+/// Decodes an object of the chunk `expected_id`, `expected_len` bytes long, and verifies it.
+///
+/// # Errors
+/// Every [`ObjectError`]; on error nothing of the object should be used.
+pub fn decode(object: &[u8], expected_id: &ChunkId, expected_len: u32) -> Result<Vec<u8>, ObjectError> {
+    let mut out = Vec::new();
+    decode_into(object, expected_id, expected_len, &mut out)?;
+    Ok(out)
+}
+
+/// Like [`decode`], writing into `out` (cleared first) so a caller can reuse the buffer.
+///
+/// # Errors
+/// Every [`ObjectError`]; `out` holds no verified data on error.
+pub fn decode_into(
+    object: &[u8],
+    expected_id: &ChunkId,
+    expected_len: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), ObjectError> {
+    out.clear();
+    let limit = max_object_len(expected_len);
+    if object.len() as u64 > limit {
+        return Err(ObjectError::TooLarge { actual: object.len() as u64, limit });
+    }
+    let (&flag, body) = object.split_first().ok_or(ObjectError::Empty)?;
+    match flag {
+        FLAG_RAW => {
+            if body.len() as u64 != u64::from(expected_len) {
+                return Err(ObjectError::LengthMismatch { expected: expected_len, actual: body.len() as u64 });
+            }
+            out.extend_from_slice(body);
+        }
+        FLAG_ZSTD => {
+            out.reserve(expected_len as usize);
+            let decoder = zstd::stream::read::Decoder::with_buffer(body).map_err(ObjectError::Corrupt)?;
+            // Read one byte past the length, so an overlong frame is caught without
+            // decompressing the rest of it.
+            decoder.take(u64::from(expected_len) + 1).read_to_end(out).map_err(ObjectError::Corrupt)?;
+            if out.len() as u64 > u64::from(expected_len) {
+                out.clear();
+                return Err(ObjectError::DecompressesPastLength { limit: expected_len });
+            }
+            if out.len() as u64 != u64::from(expected_len) {
+                let actual = out.len() as u64;
+                out.clear();
+                return Err(ObjectError::LengthMismatch { expected: expected_len, actual });
+            }
+        }
+        other => return Err(ObjectError::UnknownEncoding(other)),
+    }
+    let actual = ChunkId::of(out);
+    if actual != *expected_id {
+        out.clear();
+        return Err(ObjectError::IdMismatch { expected: *expected_id, actual });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressible_and_incompressible_roundtrip() {
+        let text = b"flotilla ".repeat(1000);
+        let obj = encode(&text, DEFAULT_LEVEL);
+        assert_eq!(obj[0], FLAG_ZSTD);
+        assert_eq!(decode(&obj, &ChunkId::of(&text), text.len() as u32).unwrap(), text);
+
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let obj = encode(&noise, DEFAULT_LEVEL);
+        assert_eq!(decode(&obj, &ChunkId::of(&noise), noise.len() as u32).unwrap(), noise);
+    }
+
+    #[test]
+    fn unknown_flag() {
+        assert!(matches!(decode(&[7, 1, 2], &ChunkId::of(b"x"), 2), Err(ObjectError::UnknownEncoding(7))));
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# README's test command: installs what the tests need, then runs every test in the workspace.
+# Extra arguments go to `cargo test`, e.g. `bash scripts/test.sh -p flotilla-core`.
+# .ci/run calls it as its last step.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh # also sets CARGO_TARGET_DIR (default: ~/.cache/flotilla/target)
+
+# Tests that need a real service install and start it here; a test that cannot find its
+# service fails, it never skips. Issue 4 adds PostgreSQL for the coordinator:
+# need_pkgs postgresql
+need_pkgs "${FLOTILLA_BUILD_PKGS[@]}"
+need_cargo
+
+# cargo test ends with one "test result" line per test binary, and the last one is often a
+# placeholder crate's empty doc-test run; close with the totals so a reader of the log sees
+# how many tests ran in all.
+results="$(mktemp)"
+trap 'rm -f "$results"' EXIT
+status=0
+cargo test --workspace --locked "$@" | tee "$results" || status=$?
+awk '/^test result: / {
+        for (i = 2; i <= NF; i++) {
+            if ($i ~ /^passed;?$/) passed += $(i - 1)
+            if ($i ~ /^failed;?$/) failed += $(i - 1)
+            if ($i ~ /^ignored;?$/) ignored += $(i - 1)
+        }
+    }
+    END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$results"
+exit "$status"
