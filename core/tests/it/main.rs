@@ -1,0 +1,6 @@
+//! flotilla-core's integration tests: one binary, one module per concern.
+
+mod archive;
+mod attacks;
+mod props;
+mod signing;
