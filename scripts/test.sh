@@ -9,16 +9,20 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh # also sets CARGO_TARGET_DIR (default: ~/.cache/flotilla/target)
 
 # Tests that need a real service install and start it here; a test that cannot find its
-# service fails, it never skips. Issue 4 adds PostgreSQL for the coordinator:
-# need_pkgs postgresql
-need_pkgs "${FLOTILLA_BUILD_PKGS[@]}"
+# service fails, it never skips. The coordinator's tests run against a real PostgreSQL.
+need_pkgs "${FLOTILLA_BUILD_PKGS[@]}" postgresql
 need_cargo
+
+if [[ -z ${FLOTILLA_TEST_PG_URL:-} ]]; then
+    eval "$(bash scripts/pg.sh start)"
+    trap 'bash scripts/pg.sh stop "$FLOTILLA_TEST_PG_DIR"; rm -f "$results"' EXIT
+fi
 
 # cargo test ends with one "test result" line per test binary, and the last one is often a
 # placeholder crate's empty doc-test run; close with the totals so a reader of the log sees
 # how many tests ran in all.
 results="$(mktemp)"
-trap 'rm -f "$results"' EXIT
+[[ -n ${FLOTILLA_TEST_PG_DIR:-} ]] || trap 'rm -f "$results"' EXIT
 status=0
 cargo test --workspace --locked "$@" | tee "$results" || status=$?
 awk '/^test result: / {

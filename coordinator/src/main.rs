@@ -1,0 +1,138 @@
+//! `flotilla-coordinator`: parses flags and environment, loads the config file, serves.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use flotilla_coordinator::config::{Config, Secret, StorageConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Flotilla coordinator: enrollment, signed update checks, publishing, staged rollouts.
+///
+/// With no configuration it keeps SQLite and objects under ./flotilla-data and listens on
+/// 127.0.0.1:8080. Layers, later wins: config file, environment, flags.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file.
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address, e.g. 0.0.0.0:8080.
+    #[arg(long, env = "FLOTILLA_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Port (the seeds' PORT); keeps the configured host.
+    #[arg(long, env = "PORT")]
+    port: Option<u16>,
+    /// Data directory.
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// postgres://… to use PostgreSQL; unset: SQLite in the data directory.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// S3 bucket for objects (with S3_ENDPOINT for MinIO, R2, Garage).
+    #[arg(long, env = "S3_BUCKET")]
+    s3_bucket: Option<String>,
+    /// S3 endpoint URL.
+    #[arg(long, env = "S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// CDN base URL that chunk and index downloads redirect to.
+    #[arg(long, env = "FLOTILLA_CDN_BASE_URL")]
+    cdn_base_url: Option<String>,
+    /// PKCS#8 PEM file of the coordinator's rollout signing key.
+    #[arg(long, env = "FLOTILLA_ROLLOUT_KEY")]
+    rollout_key: Option<PathBuf>,
+    /// First admin token (only used when none exists yet).
+    #[arg(long, env = "FLOTILLA_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Let devices enroll without an enrollment secret.
+    #[arg(long, env = "FLOTILLA_OPEN_ENROLLMENT")]
+    open_enrollment: bool,
+    /// Rollout evaluator interval, e.g. 30m or 5s.
+    #[arg(long, env = "FLOTILLA_EVALUATOR_INTERVAL", value_parser = humantime::parse_duration)]
+    evaluator_interval: Option<std::time::Duration>,
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path).with_context(|| format!("loading {}", path.display()))?,
+        None => Config::default(),
+    };
+    if let Some(l) = cli.listen {
+        config.listen = l;
+    }
+    if let Some(p) = cli.port {
+        config.listen.set_port(p);
+    }
+    if let Some(d) = cli.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(u) = cli.database_url {
+        config.database_url = Some(Secret::new(u));
+    }
+    if let Some(bucket) = cli.s3_bucket {
+        config.storage = StorageConfig::S3 {
+            bucket,
+            endpoint: cli.s3_endpoint,
+            region: std::env::var("AWS_REGION").ok(),
+            prefix: String::new(),
+        };
+    }
+    if cli.cdn_base_url.is_some() {
+        config.cdn_base_url = cli.cdn_base_url;
+    }
+    if cli.rollout_key.is_some() {
+        config.rollout_key_file = cli.rollout_key;
+    }
+    if let Some(t) = cli.admin_token {
+        config.admin_token = Some(Secret::new(t));
+    }
+    config.open_enrollment |= cli.open_enrollment;
+    if let Some(i) = cli.evaluator_interval {
+        config.evaluator_interval = i;
+    }
+    let listen = config.listen;
+    let state = flotilla_coordinator::server::build_state(config).await.context("starting the coordinator")?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "coordinator listening");
+    // A line scripts and tests can wait for.
+    println!("listening on http://{addr}");
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    flotilla_coordinator::server::serve(state, listener, cancel).await.context("serving")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

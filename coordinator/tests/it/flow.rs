@@ -1,0 +1,188 @@
+//! Publish, check, verify as a device would, download, report.
+
+use flotilla_core::manifest::{DeviceContext, verify_for_device};
+use flotilla_core::object;
+use flotilla_core::rollout::verify_assignment;
+use flotilla_core::time::Timestamp;
+use flotilla_core::trust::TrustRoot;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::{Engine, Keys, image, release, start};
+
+const SECRET: &str = "enroll-secret-0123456789";
+
+async fn publish_check_install(engine: Engine) {
+    let s = start(engine).await;
+    let keys = Keys::new(1);
+    let api = s.create_product("board", &keys, SECRET).await;
+    let device = s.enroll("board", "dev-1", "stable", SECRET, Some("rpi4")).await;
+
+    // Nothing published yet.
+    let resp =
+        s.http.get(format!("{}/v1/updates/check?nonce=ab12", s.url)).bearer_auth(&device).send().await.expect("check");
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+
+    let img = image(7, 600_000);
+    let id = release(&s, &api, &keys, "board", "1.0.0", 10, &img, json!({ "percent": 100 })).await;
+
+    let resp = s
+        .http
+        .get(format!("{}/v1/updates/check?nonce=ab12cd&version_code=3", s.url))
+        .bearer_auth(&device)
+        .send()
+        .await
+        .expect("check");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let etag = resp.headers().get("etag").expect("etag").to_str().expect("ascii").to_owned();
+    let offer: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(offer["release_id"], id);
+
+    // The device's checks: publisher signature, coordinator signature, agreement.
+    let root = TrustRoot::from_trusted_json(s.trust_root(&keys).as_bytes()).expect("root");
+    let mut ctx = DeviceContext::new("board", "stable", Timestamp::now());
+    ctx.installed_version_code = Some(3);
+    ctx.hardware = Some("rpi4".into());
+    let manifest = verify_for_device(offer["manifest"].as_str().expect("manifest").as_bytes(), &root, &ctx)
+        .expect("manifest verifies");
+    let assignment = verify_assignment(
+        offer["assignment"].as_str().expect("assignment").as_bytes(),
+        &root,
+        "dev-1",
+        "ab12cd",
+        Timestamp::now(),
+    )
+    .expect("assignment verifies");
+    assignment.check_agreement(&manifest).expect("coordinator and publisher agree");
+    // Another device's nonce is refused.
+    assert!(
+        verify_assignment(
+            offer["assignment"].as_str().expect("a").as_bytes(),
+            &root,
+            "dev-1",
+            "other",
+            Timestamp::now()
+        )
+        .is_err()
+    );
+
+    // Download the index and every chunk from the embedded origin and rebuild the image.
+    let index_bytes = s
+        .http
+        .get(format!("{}{}", s.url, offer["index"]["url"].as_str().expect("url")))
+        .send()
+        .await
+        .expect("index")
+        .bytes()
+        .await
+        .expect("bytes");
+    let index = manifest.check_index(&index_bytes).expect("index matches the manifest");
+    let mut rebuilt = Vec::new();
+    for e in index.entries() {
+        let resp = s.http.get(format!("{}/v1/chunks/{}", s.url, e.id)).send().await.expect("chunk");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["cache-control"], "public, max-age=31536000, immutable");
+        rebuilt.extend(object::decode(&resp.bytes().await.expect("bytes"), &e.id, e.len).expect("chunk verifies"));
+    }
+    assert_eq!(rebuilt, img);
+
+    // Range request on a chunk object.
+    let first = index.entries()[0].id;
+    let resp =
+        s.http.get(format!("{}/v1/chunks/{first}", s.url)).header("range", "bytes=0-9").send().await.expect("range");
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(resp.bytes().await.expect("bytes").len(), 10);
+
+    // ETag without a nonce: nothing changed → 304.
+    let resp = s
+        .http
+        .get(format!("{}/v1/updates/check?version_code=3", s.url))
+        .bearer_auth(&device)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("check");
+    assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+
+    // Report and see it in the figures.
+    let (status, _) = s
+        .post(
+            "/v1/devices/events",
+            Some(&device),
+            json!({ "events": [
+                { "kind": "downloading", "release_id": id },
+                { "kind": "healthy", "release_id": id, "bytes": { "cdn": 500000, "local": 100000 } },
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, rel) = s.get(&format!("/v1/releases/{id}"), Some(&api)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(rel["rollout"]["healthy"], 1);
+    assert_eq!(rel["bytes"]["cdn"], 500000);
+    let (_, stats) = s.get(&format!("/v1/releases/{id}/stats"), Some(&api)).await;
+    assert_eq!(stats["events"]["healthy"]["devices"], 1);
+
+    // Installed now: nothing newer.
+    let resp = s
+        .http
+        .get(format!("{}/v1/updates/check?version_code=10", s.url))
+        .bearer_auth(&device)
+        .send()
+        .await
+        .expect("check");
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+
+    // Device list shows the device with its version after the healthy report.
+    let (_, devices) = s.get("/v1/devices?product=board", Some(&s.admin)).await;
+    assert_eq!(devices["devices"][0]["version_code"], 10);
+}
+
+async fn second_release_uploads_only_new_chunks(engine: Engine) {
+    let s = start(engine).await;
+    let keys = Keys::new(2);
+    let api = s.create_product("app", &keys, SECRET).await;
+    let v1 = image(3, 400_000);
+    let (_, sent_first) = s.upload(&api, &v1).await;
+    let mut v2 = v1.clone();
+    v2[200_000..200_010].copy_from_slice(b"0123456789");
+    let (chunked, sent_second) = s.upload(&api, &v2).await;
+    assert!(
+        sent_second > 0 && sent_second <= 3,
+        "an edit re-sends only nearby chunks, sent {sent_second} of {}",
+        chunked.index.len()
+    );
+    assert!(sent_first > 10);
+}
+
+async fn wrong_hardware_and_old_native_shell(engine: Engine) {
+    let s = start(engine).await;
+    let keys = Keys::new(3);
+    let api = s.create_product("kiosk", &keys, SECRET).await;
+    let img = image(5, 100_000);
+    let (chunked, _) = s.upload(&api, &img).await;
+    let mut m = crate::support::manifest_for("kiosk", "stable", "2.0.0", 2, &chunked);
+    m.compatibility.hardware = vec!["imx8".into()];
+    m.compatibility.min_native_version = Some("5.0.0".parse().expect("semver"));
+    let (status, body) = s.publish(&api, &m, &keys, json!({ "percent": 100 })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let other_hw = s.enroll("kiosk", "k-1", "stable", SECRET, Some("rpi4")).await;
+    let resp = s.http.get(format!("{}/v1/updates/check", s.url)).bearer_auth(&other_hw).send().await.expect("check");
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT, "other hardware is not offered the release");
+
+    let old_app = s.enroll("kiosk", "k-2", "stable", SECRET, Some("imx8")).await;
+    let (status, body) = s.get("/v1/updates/check?native_version=4.2.0", Some(&old_app)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "native_too_old");
+    assert_eq!(body["required_native_version"], "5.0.0");
+    let (status, body) = s.get("/v1/updates/check?native_version=5.1.0", Some(&old_app)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["version_code"], 2);
+}
+
+crate::both_engines!(
+    publish_check_install,
+    second_release_uploads_only_new_chunks,
+    wrong_hardware_and_old_native_shell
+);
