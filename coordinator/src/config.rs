@@ -76,17 +76,42 @@ pub enum StorageConfig {
     #[default]
     Fs,
     /// An S3-compatible bucket.
-    S3 {
-        /// Bucket name (`S3_BUCKET`).
-        bucket: String,
-        /// Endpoint URL for non-AWS stores (`S3_ENDPOINT`).
-        endpoint: Option<String>,
-        /// Region (`AWS_REGION`, default us-east-1).
-        region: Option<String>,
-        /// Key prefix inside the bucket.
-        #[serde(default)]
-        prefix: String,
-    },
+    S3(S3Config),
+}
+
+/// An S3-compatible bucket: AWS S3, or MinIO, Garage, R2, Ceph RGW… through `endpoint`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Bucket name (`S3_BUCKET`). It must exist already.
+    pub bucket: String,
+    /// Endpoint URL for non-AWS stores (`S3_ENDPOINT`); when set, requests use path-style
+    /// addressing (`<endpoint>/<bucket>/<key>`). Unset: AWS's regional endpoint.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region (`AWS_REGION`); unset means us-east-1.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Key prefix inside the bucket (`a/b` stores chunks under `a/b/chunks/…`).
+    #[serde(default)]
+    pub prefix: String,
+    /// Access key id (`AWS_ACCESS_KEY_ID`). Required: credentials are static (no instance
+    /// profile or SSO lookup).
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Secret access key (`AWS_SECRET_ACCESS_KEY`). Required.
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    /// Session token of temporary credentials (`AWS_SESSION_TOKEN`).
+    #[serde(default)]
+    pub session_token: Option<Secret>,
+}
+
+impl S3Config {
+    /// The region requests are signed for: the configured one, else us-east-1.
+    pub fn region(&self) -> &str {
+        self.region.as_deref().filter(|r| !r.is_empty()).unwrap_or("us-east-1")
+    }
 }
 
 /// Per-client request budgets.
@@ -105,6 +130,9 @@ impl Default for RateLimits {
     }
 }
 
+/// S3 refuses presigned (SigV4) URLs that are valid for longer than a week.
+pub const MAX_PRESIGN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Coordinator settings. `Default` is the zero-configuration setup: SQLite and objects under
 /// `./flotilla-data`, listening on 127.0.0.1:8080.
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +148,13 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Base URL of a CDN in front of the object store: chunk and index GETs redirect there.
     pub cdn_base_url: Option<String>,
+    /// With S3 storage, answer chunk and index GETs with a 302 to a presigned S3 URL instead
+    /// of proxying the bytes (`cdn_base_url` wins when both are set). Default false.
+    pub presign_downloads: bool,
+    /// How long a presigned download URL stays valid (at most 7 days, S3's limit). A device
+    /// only needs it to start the request. Default 15 min.
+    #[serde(with = "humantime_serde")]
+    pub presign_ttl: Duration,
     /// PKCS#8 PEM of the coordinator's `rollout` signing key. Unset: `<data_dir>/rollout-key.pem`,
     /// generated on first start. Never stored in the database.
     pub rollout_key_file: Option<PathBuf>,
@@ -156,6 +191,8 @@ impl Default for Config {
             database_url: None,
             storage: StorageConfig::Fs,
             cdn_base_url: None,
+            presign_downloads: false,
+            presign_ttl: Duration::from_secs(15 * 60),
             rollout_key_file: None,
             open_enrollment: false,
             admin_token: None,
@@ -222,6 +259,20 @@ impl Config {
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
         }
+        if let StorageConfig::S3(s3) = &self.storage {
+            if s3.bucket.is_empty() {
+                return Err(ConfigError::Invalid("storage.bucket must not be empty".into()));
+            }
+            if s3.endpoint.as_deref().is_some_and(|e| !e.starts_with("http://") && !e.starts_with("https://")) {
+                return Err(ConfigError::Invalid("storage.endpoint must be an http:// or https:// URL".into()));
+            }
+        }
+        if self.presign_downloads && !matches!(self.storage, StorageConfig::S3(_)) {
+            return Err(ConfigError::Invalid("presign_downloads needs S3 storage".into()));
+        }
+        if self.presign_ttl.is_zero() || self.presign_ttl > MAX_PRESIGN_TTL {
+            return Err(ConfigError::Invalid("presign_ttl must be between 1 s and 7 days".into()));
+        }
         Ok(())
     }
 
@@ -259,4 +310,44 @@ pub fn validate_stages(stages: &[Stage]) -> Result<(), String> {
         return Err("the last stage must be 100 %".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_storage_parses_from_toml() {
+        let config: Config = toml::from_str(
+            r#"
+            presign_downloads = true
+            presign_ttl = "5m"
+            [storage]
+            kind = "s3"
+            bucket = "ota"
+            endpoint = "http://127.0.0.1:9000"
+            prefix = "fleet-a"
+            "#,
+        )
+        .expect("parses");
+        config.validate().expect("valid");
+        let StorageConfig::S3(s3) = &config.storage else { panic!("not s3: {:?}", config.storage) };
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str(), s3.region()), ("ota", "fleet-a", "us-east-1"));
+        assert_eq!(config.presign_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn unknown_storage_field_is_rejected() {
+        let err = toml::from_str::<Config>("[storage]\nkind = \"s3\"\nbucket = \"b\"\nbuckit = \"typo\"\n");
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn presign_needs_s3_and_a_ttl_s3_accepts() {
+        let fs = Config { presign_downloads: true, ..Config::default() };
+        assert!(matches!(fs.validate(), Err(ConfigError::Invalid(m)) if m.contains("presign_downloads")));
+        let s3 = StorageConfig::S3(S3Config { bucket: "b".into(), ..S3Config::default() });
+        let long = Config { storage: s3, presign_downloads: true, presign_ttl: MAX_PRESIGN_TTL * 2, ..Config::default() };
+        assert!(matches!(long.validate(), Err(ConfigError::Invalid(m)) if m.contains("presign_ttl")));
+    }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use flotilla_coordinator::config::{Config, Secret, StorageConfig};
+use flotilla_coordinator::config::{Config, S3Config, Secret, StorageConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Flotilla coordinator: enrollment, signed update checks, publishing, staged rollouts.
@@ -32,9 +32,24 @@ struct Cli {
     /// S3 bucket for objects (with S3_ENDPOINT for MinIO, R2, Garage).
     #[arg(long, env = "S3_BUCKET")]
     s3_bucket: Option<String>,
-    /// S3 endpoint URL.
+    /// S3 endpoint URL (path-style addressing when set).
     #[arg(long, env = "S3_ENDPOINT")]
     s3_endpoint: Option<String>,
+    /// S3 region (default us-east-1).
+    #[arg(long, env = "AWS_REGION")]
+    s3_region: Option<String>,
+    /// S3 access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    s3_access_key_id: Option<String>,
+    /// S3 secret access key.
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    s3_secret_access_key: Option<String>,
+    /// Session token of temporary S3 credentials.
+    #[arg(long, env = "AWS_SESSION_TOKEN", hide_env_values = true)]
+    s3_session_token: Option<String>,
+    /// Redirect chunk and index downloads to presigned S3 URLs.
+    #[arg(long, env = "FLOTILLA_PRESIGN_DOWNLOADS")]
+    presign_downloads: bool,
     /// CDN base URL that chunk and index downloads redirect to.
     #[arg(long, env = "FLOTILLA_CDN_BASE_URL")]
     cdn_base_url: Option<String>,
@@ -80,13 +95,17 @@ async fn main() -> anyhow::Result<()> {
         config.database_url = Some(Secret::new(u));
     }
     if let Some(bucket) = cli.s3_bucket {
-        config.storage = StorageConfig::S3 {
-            bucket,
-            endpoint: cli.s3_endpoint,
-            region: std::env::var("AWS_REGION").ok(),
-            prefix: String::new(),
-        };
+        config.storage = StorageConfig::S3(S3Config { bucket, ..S3Config::default() });
     }
+    // The environment fills in an S3 block from the file too (credentials belong there).
+    if let StorageConfig::S3(s3) = &mut config.storage {
+        s3.endpoint = cli.s3_endpoint.or(s3.endpoint.take());
+        s3.region = cli.s3_region.or(s3.region.take());
+        s3.access_key_id = cli.s3_access_key_id.or(s3.access_key_id.take());
+        s3.secret_access_key = cli.s3_secret_access_key.map(Secret::new).or(s3.secret_access_key.take());
+        s3.session_token = cli.s3_session_token.map(Secret::new).or(s3.session_token.take());
+    }
+    config.presign_downloads |= cli.presign_downloads;
     if cli.cdn_base_url.is_some() {
         config.cdn_base_url = cli.cdn_base_url;
     }

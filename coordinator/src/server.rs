@@ -12,7 +12,7 @@ use crate::auth::{Scope, insert_token, new_token};
 use crate::config::{Config, StorageConfig};
 use crate::db::Db;
 use crate::state::{AppState, Metrics, RateLimiter, ReleaseCache};
-use crate::storage::{FsStore, Storage};
+use crate::storage::{FsStore, S3Store, Storage};
 
 /// Start-up failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,11 +76,7 @@ pub async fn build_state(config: Config) -> Result<AppState, StartError> {
         StorageConfig::Fs => {
             Storage::Fs(FsStore::new(config.data_dir.join("objects")).map_err(io("creating object dir"))?)
         }
-        StorageConfig::S3 { .. } => {
-            return Err(StartError::Config(
-                "S3 storage is not built yet (issue 4 follow-up); use the filesystem store".into(),
-            ));
-        }
+        StorageConfig::S3(s3) => Storage::S3(S3Store::new(s3).map_err(|e| StartError::Config(e.to_string()))?),
     };
     let db = Db::connect(&config.database_url(), config.max_connections).await?;
     let rollout_key = load_rollout_key(&config)?;

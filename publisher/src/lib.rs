@@ -1,20 +1,164 @@
 //! The `flotilla` command for publishers and operators.
 //!
 //! A publisher turns a build (an OS image, or an app bundle packed as a deterministic tar)
-//! into content-defined chunks, writes the chunk index, builds deltas against recent
-//! releases, signs the release manifest with its `release` keys, uploads only the chunks the
-//! coordinator lacks, and registers the release. Operators use the same command to manage
-//! keys and trust-root rotation, and to pause, resume, advance, halt or roll back staged
-//! rollouts. All formats and signing come from [`flotilla_core`]; this crate talks to the
-//! coordinator over its HTTP API and never imports the coordinator crate.
+//! into content-defined chunks, asks the coordinator which it lacks, uploads only those,
+//! signs the release manifest with its `release` keys and publishes it; operators steer the
+//! rollout; `export` writes a release for offline sites and `verify` checks one.
 //!
-//! # Status
-//!
-//! Placeholder: the library and the `flotilla` binary are filled by issue 5.
+//! # Layout
+//! - [`cli`]: arguments (clap).
+//! - [`config`]: stored login and where the CLI looks for URL and token.
+//! - [`client`]: the coordinator API, errors mapped to exit codes.
+//! - [`keys`]: signing keys and trust roots.
+//! - [`release`]: the publish pipeline.
+//! - [`ops`]: products, releases, rollout control, rollback, devices.
+//! - [`export`]: offline export and verification.
+//! - [`error`]: error kinds and exit codes.
 
 #![deny(missing_docs, rustdoc::broken_intra_doc_links, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-/// The shared formats and verification rules this crate builds on, re-exported so the
-/// dependency on `flotilla-core` is real while the crate is a placeholder.
-pub use flotilla_core;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod keys;
+pub mod ops;
+pub mod release;
+
+use std::process::ExitCode;
+
+use clap::CommandFactory as _;
+use serde_json::{Value, json};
+
+use crate::cli::{Cli, Command, DevicesCommand, KeysCommand, ReleasesCommand, RootCommand};
+use crate::client::Client;
+use crate::error::{CliError, CliResult};
+
+fn client(cli: &Cli) -> CliResult<Client> {
+    let (url, token) = config::resolve(cli.url.clone(), cli.token.clone())?;
+    Ok(Client::new(url, token))
+}
+
+/// Runs a parsed command line and returns the exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let json_out = cli.json;
+    match dispatch(&cli).await {
+        Ok(v) => {
+            print_value(json_out, &v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json_out {
+                println!("{}", json!({ "error": { "kind": e.kind_name(), "message": e.message } }));
+            } else {
+                eprintln!("error: {}", e.message);
+            }
+            e.exit_code()
+        }
+    }
+}
+
+fn print_value(json_out: bool, v: &Value) {
+    if v.is_null() {
+        return;
+    }
+    if json_out {
+        println!("{v}");
+        return;
+    }
+    let bold = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map {
+                let text = match val {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                if bold {
+                    println!("\x1b[1m{k:>16}\x1b[0m  {text}");
+                } else {
+                    println!("{k:>16}  {text}");
+                }
+            }
+        }
+        other => println!("{}", serde_json::to_string_pretty(other).unwrap_or_default()),
+    }
+}
+
+async fn dispatch(cli: &Cli) -> CliResult<Value> {
+    let quiet = cli.json;
+    match &cli.command {
+        Command::Login(args) => {
+            let mut login = config::load()?;
+            if let Some(u) = &args.to {
+                login.url = Some(u.trim_end_matches('/').to_owned());
+            }
+            if let Some(t) = &args.with_token {
+                login.token = Some(t.clone());
+            }
+            let url = login.url.clone().ok_or_else(|| CliError::usage("give --to URL"))?;
+            let c = Client::new(url.clone(), login.token.clone());
+            c.get("/healthz").await.ok();
+            let path = config::save(&login)?;
+            Ok(json!({ "url": url, "config": path }))
+        }
+        Command::Keys(KeysCommand::Generate { out, name, algorithm }) => keys::generate(out.clone(), name, algorithm),
+        Command::Keys(KeysCommand::Show { key }) => keys::show(key),
+        Command::Root(RootCommand::Init(args)) => {
+            let c = if args.rollout_key.is_none() { Some(client(cli)?) } else { None };
+            keys::root_init(args, c.as_ref()).await
+        }
+        Command::Root(RootCommand::Rotate(args)) => keys::root_rotate(args),
+        Command::Product(cmd) => ops::product(&client(cli)?, cmd).await,
+        Command::Release(args) => release::run(&client(cli)?, args, quiet).await,
+        Command::Releases(ReleasesCommand::List { product, channel }) => {
+            let mut q = Vec::new();
+            if let Some(p) = product {
+                q.push(format!("product={p}"));
+            }
+            if let Some(c) = channel {
+                q.push(format!("channel={c}"));
+            }
+            client(cli)?.get(&format!("/v1/releases?{}", q.join("&"))).await
+        }
+        Command::Releases(ReleasesCommand::Show(a)) => {
+            let mut v = client(cli)?.get(&format!("/v1/releases/{}", a.id)).await?;
+            if let Value::Object(m) = &mut v {
+                m.remove("manifest");
+            }
+            Ok(v)
+        }
+        Command::Status(a) => {
+            let v = client(cli)?.get(&format!("/v1/releases/{}", a.id)).await?;
+            Ok(json!({
+                "release": v["id"], "version": v["version"], "version_code": v["version_code"],
+                "state": v["rollout"]["state"], "reason": v["rollout"]["reason"], "stage": v["rollout"]["stage"],
+                "percent": v["rollout"]["percent"], "reports": v["rollout"]["reports"], "healthy": v["rollout"]["healthy"],
+                "failed": v["rollout"]["failed"], "failure_rate": v["rollout"]["failure_rate"], "bytes": v["bytes"],
+            }))
+        }
+        Command::Rollout(cmd) => ops::rollout(&client(cli)?, cmd).await,
+        Command::Rollback(args) => ops::rollback(&client(cli)?, args).await,
+        Command::Devices(DevicesCommand::List { product }) => {
+            let q = product.as_ref().map(|p| format!("?product={p}")).unwrap_or_default();
+            client(cli)?.get(&format!("/v1/devices{q}")).await
+        }
+        Command::Export(a) => export::export(&client(cli)?, a.id, &a.out, quiet).await,
+        Command::Verify(a) => export::verify(a.dir.as_deref(), a.trust_root.as_deref(), a.image.as_deref(), a.manifest.as_deref(), quiet),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "flotilla", &mut std::io::stdout());
+            Ok(Value::Null)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
+    }
+}

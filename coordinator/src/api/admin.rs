@@ -377,7 +377,27 @@ pub(crate) async fn get_release(
     Path(id): Path<i64>,
 ) -> ApiResult<JsonValue> {
     let row = release_row(&state, &who, id).await?;
-    Ok(Json(release_json(&state, &row).await?))
+    let mut out = release_json(&state, &row).await?;
+    // The signed manifest, verbatim: the CLI needs it for rollback and export.
+    let manifest: String =
+        sqlx::query_scalar("SELECT manifest FROM releases WHERE id = $1").bind(id).fetch_one(&state.db.pool).await?;
+    out["manifest"] = serde_json::Value::String(manifest);
+    Ok(Json(out))
+}
+
+/// A product with its trust root (for exports and tooling).
+pub(crate) async fn get_product(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(product): Path<String>,
+) -> ApiResult<JsonValue> {
+    who.require_publisher_of(&product)?;
+    let row: Option<(String, i64)> = sqlx::query_as("SELECT trust_root, created_at FROM products WHERE name = $1")
+        .bind(&product)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    let Some((trust_root, created_at)) = row else { return Err(ApiError::not_found(format!("no product {product:?}"))) };
+    Ok(Json(serde_json::json!({ "name": product, "trust_root": trust_root, "created_at": created_at })))
 }
 
 pub(crate) async fn release_stats(

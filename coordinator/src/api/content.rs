@@ -45,6 +45,12 @@ async fn serve(
         let location = format!("{}/{key}", base.trim_end_matches('/'));
         return Ok((StatusCode::FOUND, [(header::LOCATION, location)]).into_response());
     }
+    // Presigned URLs are never logged: they are bearer credentials until they expire.
+    if state.config.presign_downloads
+        && let Some(location) = state.store.presigned_get(&key, state.config.presign_ttl).await?
+    {
+        return Ok((StatusCode::FOUND, [(header::LOCATION, location)]).into_response());
+    }
     let etag = format!("\"{id}\"");
     if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains(&etag)) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());

@@ -34,6 +34,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/refresh", post(admin::refresh_token))
         .route("/v1/tokens", post(admin::create_token))
         .route("/v1/products", post(admin::create_product).get(admin::list_products))
+        .route("/v1/products/{product}", get(admin::get_product))
         .route("/v1/products/{product}/stages", put(admin::set_stage_plan))
         .route("/v1/devices/enroll", post(devices::enroll))
         .route("/v1/updates/check", get(devices::check))

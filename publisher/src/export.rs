@@ -1,0 +1,130 @@
+//! `flotilla export` and `flotilla verify`: a release as a directory an offline site can
+//! import from a USB stick, and the checks a device would make on it.
+
+use std::path::{Path, PathBuf};
+
+use flotilla_core::chunking::Chunker;
+use flotilla_core::manifest::verify_signed;
+use flotilla_core::time::Timestamp;
+use flotilla_core::trust::TrustRoot;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+
+use crate::client::Client;
+use crate::error::{CliError, CliResult, Kind, io_err};
+use crate::release::progress;
+
+/// Files of an export.
+pub const TRUST_ROOT_FILE: &str = "trust-root.json";
+/// The signed manifest.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The chunk index.
+pub const INDEX_FILE: &str = "index.bin";
+
+fn chunk_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join("chunks").join(&id[..2]).join(id)
+}
+
+/// `flotilla export ID DIR`.
+pub async fn export(client: &Client, id: i64, out: &Path, quiet: bool) -> CliResult<Value> {
+    if out.exists() && std::fs::read_dir(out).map_err(io_err(out))?.next().is_some() {
+        return Err(CliError::usage(format!("{} is not empty; export into a new directory", out.display())));
+    }
+    let release = client.get(&format!("/v1/releases/{id}")).await?;
+    let (manifest_json, manifest) = crate::ops::manifest_of(&release)?;
+    let product = client.get(&format!("/v1/products/{}", manifest.product)).await?;
+    let root = product["trust_root"].as_str().ok_or_else(|| CliError::failure("the coordinator sent no trust root"))?;
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let write = |name: &str, bytes: &[u8]| std::fs::write(out.join(name), bytes).map_err(io_err(&out.join(name)));
+    write(TRUST_ROOT_FILE, root.as_bytes())?;
+    write(MANIFEST_FILE, manifest_json.as_bytes())?;
+    let index_bytes = client.get_bytes(&format!("/v1/indexes/{}", manifest.index.id)).await?;
+    let index = flotilla_core::index::ChunkIndex::decode(&index_bytes).map_err(|e| CliError::new(Kind::Verify, e.to_string()))?;
+    write(INDEX_FILE, &index_bytes)?;
+    let pb = progress(index.image_size(), "exporting", quiet);
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0u64;
+    for e in index.entries() {
+        pb.inc(u64::from(e.len));
+        if !seen.insert(e.id) {
+            continue;
+        }
+        let hex = e.id.to_hex();
+        let object = client.get_bytes(&format!("/v1/chunks/{hex}")).await?;
+        flotilla_core::object::decode(&object, &e.id, e.len).map_err(|err| CliError::new(Kind::Verify, format!("chunk {hex} from the coordinator: {err}")))?;
+        let path = chunk_path(out, &hex);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        bytes += object.len() as u64;
+        std::fs::write(&path, &object).map_err(io_err(&path))?;
+    }
+    pb.finish_and_clear();
+    Ok(json!({ "dir": out, "release": id, "version": manifest.version.to_string(), "version_code": manifest.version_code, "chunks": seen.len(), "bytes": bytes }))
+}
+
+fn load_root(path: &Path) -> CliResult<TrustRoot> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    TrustRoot::from_trusted_json(&bytes).map_err(|e| CliError::new(Kind::Verify, format!("{}: {e}", path.display())))
+}
+
+/// `flotilla verify DIR` or `flotilla verify --image FILE --manifest M --trust-root R`.
+pub fn verify(dir: Option<&Path>, trust_root: Option<&Path>, image: Option<&Path>, manifest: Option<&Path>, quiet: bool) -> CliResult<Value> {
+    let mut warnings = Vec::new();
+    let root_path = match (trust_root, dir) {
+        (Some(r), _) => r.to_path_buf(),
+        (None, Some(d)) => {
+            warnings.push("checked against the export's own trust root; pass --trust-root with the one your devices trust".to_owned());
+            d.join(TRUST_ROOT_FILE)
+        }
+        (None, None) => return Err(CliError::usage("give an export directory or --trust-root")),
+    };
+    let root = load_root(&root_path)?;
+    let manifest_path = match (manifest, dir) {
+        (Some(m), _) => m.to_path_buf(),
+        (None, Some(d)) => d.join(MANIFEST_FILE),
+        (None, None) => return Err(CliError::usage("give an export directory or --manifest")),
+    };
+    let manifest_bytes = std::fs::read(&manifest_path).map_err(io_err(&manifest_path))?;
+    let verified = verify_signed(&manifest_bytes, &root, Timestamp::now()).map_err(|e| CliError::new(Kind::Verify, format!("manifest: {e}")))?;
+    let m = verified.manifest().clone();
+
+    if let Some(image) = image {
+        let file = std::fs::File::open(image).map_err(io_err(image))?;
+        let size = file.metadata().map_err(io_err(image))?.len();
+        let pb = progress(size, "verifying", quiet);
+        let out = Chunker::new(m.chunking)
+            .chunk_reader_with(std::io::BufReader::new(file), |c| {
+                pb.inc(c.data.len() as u64);
+                Ok(())
+            })
+            .map_err(|e| CliError::failure(e.to_string()))?;
+        pb.finish_and_clear();
+        if out.sha256 != m.payload.sha256 || out.index.id() != m.index.id {
+            return Err(CliError::new(Kind::Verify, format!("{} is not the image of release {} (SHA-256 {})", image.display(), m.version, out.sha256)));
+        }
+        return Ok(json!({ "ok": true, "image": image, "version": m.version.to_string(), "sha256": out.sha256.to_hex(), "warnings": warnings }));
+    }
+
+    let dir = dir.ok_or_else(|| CliError::usage("give an export directory or --image"))?;
+    let index_path = dir.join(INDEX_FILE);
+    let index_bytes = std::fs::read(&index_path).map_err(io_err(&index_path))?;
+    let index = verified.check_index(&index_bytes).map_err(|e| CliError::new(Kind::Verify, format!("index: {e}")))?;
+    let pb = progress(index.image_size(), "verifying", quiet);
+    let mut sha = sha2::Sha256::new();
+    let mut buf = Vec::new();
+    for e in index.entries() {
+        let hex = e.id.to_hex();
+        let path = chunk_path(dir, &hex);
+        let object = std::fs::read(&path).map_err(|err| CliError::new(Kind::Verify, format!("chunk {hex}: {err}")))?;
+        flotilla_core::object::decode_into(&object, &e.id, e.len, &mut buf).map_err(|err| CliError::new(Kind::Verify, format!("chunk {hex}: {err}")))?;
+        sha.update(&buf);
+        pb.inc(u64::from(e.len));
+    }
+    pb.finish_and_clear();
+    let digest = flotilla_core::ids::Sha256Digest::from_bytes(sha.finalize().into());
+    if digest != m.payload.sha256 {
+        return Err(CliError::new(Kind::Verify, format!("the reassembled image hashes to {digest}, the manifest says {}", m.payload.sha256)));
+    }
+    Ok(json!({ "ok": true, "dir": dir, "version": m.version.to_string(), "version_code": m.version_code, "chunks": index.len(), "image_sha256": digest.to_hex(), "warnings": warnings }))
+}
