@@ -347,7 +347,8 @@ mod tests {
         let fs = Config { presign_downloads: true, ..Config::default() };
         assert!(matches!(fs.validate(), Err(ConfigError::Invalid(m)) if m.contains("presign_downloads")));
         let s3 = StorageConfig::S3(S3Config { bucket: "b".into(), ..S3Config::default() });
-        let long = Config { storage: s3, presign_downloads: true, presign_ttl: MAX_PRESIGN_TTL * 2, ..Config::default() };
+        let long =
+            Config { storage: s3, presign_downloads: true, presign_ttl: MAX_PRESIGN_TTL * 2, ..Config::default() };
         assert!(matches!(long.validate(), Err(ConfigError::Invalid(m)) if m.contains("presign_ttl")));
     }
 }

@@ -139,7 +139,9 @@ const S3_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 #[non_exhaustive]
 pub enum S3SetupError {
     /// No static credentials were given.
-    #[error("S3 storage needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (storage.access_key_id, storage.secret_access_key)")]
+    #[error(
+        "S3 storage needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (storage.access_key_id, storage.secret_access_key)"
+    )]
     MissingCredentials,
 }
 
@@ -291,7 +293,9 @@ impl ObjectStore for S3Store {
             Ok(out) => out,
             Err(e) if matches!(e.as_service_error(), Some(GetObjectError::NoSuchKey(_))) => return Ok(None),
             // A range that starts past the end: report the size, the caller answers 416.
-            Err(e) if e.code() == Some("InvalidRange") || e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+            Err(e)
+                if e.code() == Some("InvalidRange") || e.raw_response().is_some_and(|r| r.status().as_u16() == 416) =>
+            {
                 return Ok(self.size(&bucket_key).await?.map(|total| Fetched { bytes: Vec::new(), total }));
             }
             Err(e) => return Err(s3_error(e)),

@@ -36,7 +36,13 @@ impl Client {
     /// Sends and maps errors.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> CliResult<reqwest::Response> {
         let resp = req.send().await.map_err(|e| {
-            CliError::new(Kind::Network, format!("cannot reach the coordinator at {}: {e}; check the URL (flotilla login) and the network", self.base))
+            CliError::new(
+                Kind::Network,
+                format!(
+                    "cannot reach the coordinator at {}: {e}; check the URL (flotilla login) and the network",
+                    self.base
+                ),
+            )
         })?;
         if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED {
             return Ok(resp);
@@ -48,11 +54,15 @@ impl Client {
             .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
             .unwrap_or(text);
         Err(match status {
-            StatusCode::UNAUTHORIZED => CliError::new(Kind::Auth, format!("not authorised: {message}; run `flotilla login` with a valid token")),
+            StatusCode::UNAUTHORIZED => {
+                CliError::new(Kind::Auth, format!("not authorised: {message}; run `flotilla login` with a valid token"))
+            }
             StatusCode::FORBIDDEN => CliError::new(Kind::Auth, format!("forbidden: {message}")),
             StatusCode::CONFLICT => CliError::new(Kind::Conflict, format!("conflict: {message}")),
             StatusCode::NOT_FOUND => CliError::new(Kind::Usage, format!("not found: {message}")),
-            StatusCode::UNPROCESSABLE_ENTITY => CliError::new(Kind::Rejected, format!("refused by the coordinator: {message}")),
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                CliError::new(Kind::Rejected, format!("refused by the coordinator: {message}"))
+            }
             StatusCode::BAD_REQUEST => CliError::new(Kind::Usage, format!("bad request: {message}")),
             s => CliError::new(Kind::Failure, format!("coordinator answered {s}: {message}")),
         })
@@ -68,7 +78,9 @@ impl Client {
         if resp.status() == StatusCode::NO_CONTENT {
             return Ok(Value::Null);
         }
-        resp.json().await.map_err(|e| CliError::new(Kind::Failure, format!("unreadable answer from the coordinator: {e}")))
+        resp.json()
+            .await
+            .map_err(|e| CliError::new(Kind::Failure, format!("unreadable answer from the coordinator: {e}")))
     }
 
     /// GET JSON.
@@ -89,6 +101,9 @@ impl Client {
     /// GET bytes.
     pub async fn get_bytes(&self, path: &str) -> CliResult<Vec<u8>> {
         let resp = self.send(self.request(Method::GET, path)).await?;
-        resp.bytes().await.map(|b| b.to_vec()).map_err(|e| CliError::new(Kind::Network, format!("download of {path} broke off: {e}")))
+        resp.bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| CliError::new(Kind::Network, format!("download of {path} broke off: {e}")))
     }
 }

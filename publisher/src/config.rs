@@ -56,7 +56,8 @@ pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> CliResult<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
@@ -65,10 +66,9 @@ pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> CliResult<()> {
 /// Resolves URL and token: flag, environment, stored login.
 pub fn resolve(url_flag: Option<String>, token_flag: Option<String>) -> CliResult<(String, Option<String>)> {
     let stored = load()?;
-    let url = url_flag
-        .or_else(|| std::env::var("FLOTILLA_URL").ok())
-        .or(stored.url)
-        .ok_or_else(|| CliError::usage("no coordinator URL: run `flotilla login --url URL --token TOKEN` or set FLOTILLA_URL"))?;
+    let url = url_flag.or_else(|| std::env::var("FLOTILLA_URL").ok()).or(stored.url).ok_or_else(|| {
+        CliError::usage("no coordinator URL: run `flotilla login --url URL --token TOKEN` or set FLOTILLA_URL")
+    })?;
     let token = token_flag.or_else(|| std::env::var("FLOTILLA_TOKEN").ok()).or(stored.token);
     Ok((url.trim_end_matches('/').to_owned(), token))
 }

@@ -39,7 +39,8 @@ pub async fn export(client: &Client, id: i64, out: &Path, quiet: bool) -> CliRes
     write(TRUST_ROOT_FILE, root.as_bytes())?;
     write(MANIFEST_FILE, manifest_json.as_bytes())?;
     let index_bytes = client.get_bytes(&format!("/v1/indexes/{}", manifest.index.id)).await?;
-    let index = flotilla_core::index::ChunkIndex::decode(&index_bytes).map_err(|e| CliError::new(Kind::Verify, e.to_string()))?;
+    let index = flotilla_core::index::ChunkIndex::decode(&index_bytes)
+        .map_err(|e| CliError::new(Kind::Verify, e.to_string()))?;
     write(INDEX_FILE, &index_bytes)?;
     let pb = progress(index.image_size(), "exporting", quiet);
     let mut seen = std::collections::HashSet::new();
@@ -51,7 +52,8 @@ pub async fn export(client: &Client, id: i64, out: &Path, quiet: bool) -> CliRes
         }
         let hex = e.id.to_hex();
         let object = client.get_bytes(&format!("/v1/chunks/{hex}")).await?;
-        flotilla_core::object::decode(&object, &e.id, e.len).map_err(|err| CliError::new(Kind::Verify, format!("chunk {hex} from the coordinator: {err}")))?;
+        flotilla_core::object::decode(&object, &e.id, e.len)
+            .map_err(|err| CliError::new(Kind::Verify, format!("chunk {hex} from the coordinator: {err}")))?;
         let path = chunk_path(out, &hex);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io_err(parent))?;
@@ -60,7 +62,9 @@ pub async fn export(client: &Client, id: i64, out: &Path, quiet: bool) -> CliRes
         std::fs::write(&path, &object).map_err(io_err(&path))?;
     }
     pb.finish_and_clear();
-    Ok(json!({ "dir": out, "release": id, "version": manifest.version.to_string(), "version_code": manifest.version_code, "chunks": seen.len(), "bytes": bytes }))
+    Ok(
+        json!({ "dir": out, "release": id, "version": manifest.version.to_string(), "version_code": manifest.version_code, "chunks": seen.len(), "bytes": bytes }),
+    )
 }
 
 fn load_root(path: &Path) -> CliResult<TrustRoot> {
@@ -69,12 +73,21 @@ fn load_root(path: &Path) -> CliResult<TrustRoot> {
 }
 
 /// `flotilla verify DIR` or `flotilla verify --image FILE --manifest M --trust-root R`.
-pub fn verify(dir: Option<&Path>, trust_root: Option<&Path>, image: Option<&Path>, manifest: Option<&Path>, quiet: bool) -> CliResult<Value> {
+pub fn verify(
+    dir: Option<&Path>,
+    trust_root: Option<&Path>,
+    image: Option<&Path>,
+    manifest: Option<&Path>,
+    quiet: bool,
+) -> CliResult<Value> {
     let mut warnings = Vec::new();
     let root_path = match (trust_root, dir) {
         (Some(r), _) => r.to_path_buf(),
         (None, Some(d)) => {
-            warnings.push("checked against the export's own trust root; pass --trust-root with the one your devices trust".to_owned());
+            warnings.push(
+                "checked against the export's own trust root; pass --trust-root with the one your devices trust"
+                    .to_owned(),
+            );
             d.join(TRUST_ROOT_FILE)
         }
         (None, None) => return Err(CliError::usage("give an export directory or --trust-root")),
@@ -86,7 +99,8 @@ pub fn verify(dir: Option<&Path>, trust_root: Option<&Path>, image: Option<&Path
         (None, None) => return Err(CliError::usage("give an export directory or --manifest")),
     };
     let manifest_bytes = std::fs::read(&manifest_path).map_err(io_err(&manifest_path))?;
-    let verified = verify_signed(&manifest_bytes, &root, Timestamp::now()).map_err(|e| CliError::new(Kind::Verify, format!("manifest: {e}")))?;
+    let verified = verify_signed(&manifest_bytes, &root, Timestamp::now())
+        .map_err(|e| CliError::new(Kind::Verify, format!("manifest: {e}")))?;
     let m = verified.manifest().clone();
 
     if let Some(image) = image {
@@ -101,9 +115,14 @@ pub fn verify(dir: Option<&Path>, trust_root: Option<&Path>, image: Option<&Path
             .map_err(|e| CliError::failure(e.to_string()))?;
         pb.finish_and_clear();
         if out.sha256 != m.payload.sha256 || out.index.id() != m.index.id {
-            return Err(CliError::new(Kind::Verify, format!("{} is not the image of release {} (SHA-256 {})", image.display(), m.version, out.sha256)));
+            return Err(CliError::new(
+                Kind::Verify,
+                format!("{} is not the image of release {} (SHA-256 {})", image.display(), m.version, out.sha256),
+            ));
         }
-        return Ok(json!({ "ok": true, "image": image, "version": m.version.to_string(), "sha256": out.sha256.to_hex(), "warnings": warnings }));
+        return Ok(
+            json!({ "ok": true, "image": image, "version": m.version.to_string(), "sha256": out.sha256.to_hex(), "warnings": warnings }),
+        );
     }
 
     let dir = dir.ok_or_else(|| CliError::usage("give an export directory or --image"))?;
@@ -117,14 +136,20 @@ pub fn verify(dir: Option<&Path>, trust_root: Option<&Path>, image: Option<&Path
         let hex = e.id.to_hex();
         let path = chunk_path(dir, &hex);
         let object = std::fs::read(&path).map_err(|err| CliError::new(Kind::Verify, format!("chunk {hex}: {err}")))?;
-        flotilla_core::object::decode_into(&object, &e.id, e.len, &mut buf).map_err(|err| CliError::new(Kind::Verify, format!("chunk {hex}: {err}")))?;
+        flotilla_core::object::decode_into(&object, &e.id, e.len, &mut buf)
+            .map_err(|err| CliError::new(Kind::Verify, format!("chunk {hex}: {err}")))?;
         sha.update(&buf);
         pb.inc(u64::from(e.len));
     }
     pb.finish_and_clear();
     let digest = flotilla_core::ids::Sha256Digest::from_bytes(sha.finalize().into());
     if digest != m.payload.sha256 {
-        return Err(CliError::new(Kind::Verify, format!("the reassembled image hashes to {digest}, the manifest says {}", m.payload.sha256)));
+        return Err(CliError::new(
+            Kind::Verify,
+            format!("the reassembled image hashes to {digest}, the manifest says {}", m.payload.sha256),
+        ));
     }
-    Ok(json!({ "ok": true, "dir": dir, "version": m.version.to_string(), "version_code": m.version_code, "chunks": index.len(), "image_sha256": digest.to_hex(), "warnings": warnings }))
+    Ok(
+        json!({ "ok": true, "dir": dir, "version": m.version.to_string(), "version_code": m.version_code, "chunks": index.len(), "image_sha256": digest.to_hex(), "warnings": warnings }),
+    )
 }

@@ -19,7 +19,8 @@ pub fn default_key_path(name: &str) -> CliResult<PathBuf> {
 /// Loads a private key.
 pub fn load_signing_key(path: &Path) -> CliResult<SigningKey> {
     let pem = std::fs::read_to_string(path).map_err(io_err(path))?;
-    SigningKey::from_pkcs8_pem(&pem).map_err(|e| CliError::usage(format!("{}: not a private key Flotilla can use: {e}", path.display())))
+    SigningKey::from_pkcs8_pem(&pem)
+        .map_err(|e| CliError::usage(format!("{}: not a private key Flotilla can use: {e}", path.display())))
 }
 
 /// Loads the signing keys given, or the default release key.
@@ -29,7 +30,10 @@ pub fn signing_keys(paths: &[PathBuf]) -> CliResult<Vec<SigningKey>> {
         .iter()
         .map(|p| {
             if !p.exists() {
-                return Err(CliError::usage(format!("{}: no such key; create one with `flotilla keys generate` or pass --key", p.display())));
+                return Err(CliError::usage(format!(
+                    "{}: no such key; create one with `flotilla keys generate` or pass --key",
+                    p.display()
+                )));
             }
             load_signing_key(p)
         })
@@ -49,7 +53,8 @@ pub fn load_public_key(path: &Path) -> CliResult<PublicKey> {
 
 /// `keys generate`.
 pub fn generate(out: Option<PathBuf>, name: &str, algorithm: &str) -> CliResult<serde_json::Value> {
-    let algorithm: Algorithm = algorithm.parse().map_err(|e: flotilla_core::keys::KeyError| CliError::usage(e.to_string()))?;
+    let algorithm: Algorithm =
+        algorithm.parse().map_err(|e: flotilla_core::keys::KeyError| CliError::usage(e.to_string()))?;
     let path = match out {
         Some(p) => p,
         None => default_key_path(name)?,
@@ -65,13 +70,17 @@ pub fn generate(out: Option<PathBuf>, name: &str, algorithm: &str) -> CliResult<
     write_private(&path, pem.as_bytes())?;
     let public = path.with_extension("pub.pem");
     std::fs::write(&public, key.public_key().to_pem()).map_err(io_err(&public))?;
-    Ok(json!({ "key": path, "public_key": public, "key_id": key.public_key().key_id().to_hex(), "algorithm": algorithm.to_string() }))
+    Ok(
+        json!({ "key": path, "public_key": public, "key_id": key.public_key().key_id().to_hex(), "algorithm": algorithm.to_string() }),
+    )
 }
 
 /// `keys show`.
 pub fn show(path: &Path) -> CliResult<serde_json::Value> {
     let key = load_public_key(path)?;
-    Ok(json!({ "key_id": key.key_id().to_hex(), "algorithm": key.algorithm().to_string(), "public_key_pem": key.to_pem() }))
+    Ok(
+        json!({ "key_id": key.key_id().to_hex(), "algorithm": key.algorithm().to_string(), "public_key_pem": key.to_pem() }),
+    )
 }
 
 /// `root init`.
@@ -82,7 +91,8 @@ pub async fn root_init(args: &crate::cli::RootInitArgs, client: Option<&Client>)
         (Some(p), _) => load_public_key(p)?,
         (None, Some(c)) => {
             let v = c.get("/v1/rollout-key").await?;
-            let pem = v["public_key_pem"].as_str().ok_or_else(|| CliError::failure("coordinator sent no rollout key"))?;
+            let pem =
+                v["public_key_pem"].as_str().ok_or_else(|| CliError::failure("coordinator sent no rollout key"))?;
             PublicKey::from_pem(Algorithm::Ed25519, pem).map_err(|e| CliError::failure(e.to_string()))?
         }
         (None, None) => return Err(CliError::usage("give --rollout-key or a coordinator URL to fetch it from")),
@@ -108,13 +118,19 @@ pub async fn root_init(args: &crate::cli::RootInitArgs, client: Option<&Client>)
 /// `root rotate`: version N+1, signed by a threshold of the current root keys and of the new.
 pub fn root_rotate(args: &crate::cli::RootRotateArgs) -> CliResult<serde_json::Value> {
     let current_json = std::fs::read(&args.current).map_err(io_err(&args.current))?;
-    let current = TrustRoot::from_trusted_json(&current_json).map_err(|e| CliError::new(Kind::Verify, format!("{}: {e}", args.current.display())))?;
+    let current = TrustRoot::from_trusted_json(&current_json)
+        .map_err(|e| CliError::new(Kind::Verify, format!("{}: {e}", args.current.display())))?;
     let old_signers = args.sign_with.iter().map(|p| load_signing_key(p)).collect::<CliResult<Vec<_>>>()?;
     let new_root_keys = args.root_keys.iter().map(|p| load_signing_key(p)).collect::<CliResult<Vec<_>>>()?;
     let doc = current.document();
-    let keys_of = |ids: &[flotilla_core::ids::KeyId]| -> Vec<PublicKey> { ids.iter().filter_map(|id| current.key(id).cloned()).collect() };
-    let root_pub: Vec<PublicKey> =
-        if new_root_keys.is_empty() { keys_of(&doc.roles.root.keyids) } else { new_root_keys.iter().map(|k| k.public_key().clone()).collect() };
+    let keys_of = |ids: &[flotilla_core::ids::KeyId]| -> Vec<PublicKey> {
+        ids.iter().filter_map(|id| current.key(id).cloned()).collect()
+    };
+    let root_pub: Vec<PublicKey> = if new_root_keys.is_empty() {
+        keys_of(&doc.roles.root.keyids)
+    } else {
+        new_root_keys.iter().map(|k| k.public_key().clone()).collect()
+    };
     let release_pub: Vec<PublicKey> = if args.release_keys.is_empty() {
         keys_of(&doc.roles.release.keyids)
     } else {
@@ -135,9 +151,11 @@ pub fn root_rotate(args: &crate::cli::RootRotateArgs) -> CliResult<serde_json::V
         }
     }
     let json = next.sign(&signers).map_err(|e| CliError::failure(e.to_string()))?.to_json();
-    current
-        .rotate(&json)
-        .map_err(|e| CliError::usage(format!("the rotation would not be accepted by devices: {e}; sign with a threshold of the current root keys")))?;
+    current.rotate(&json).map_err(|e| {
+        CliError::usage(format!(
+            "the rotation would not be accepted by devices: {e}; sign with a threshold of the current root keys"
+        ))
+    })?;
     std::fs::write(&args.out, &json).map_err(io_err(&args.out))?;
     Ok(json!({ "trust_root": args.out, "version": doc.version + 1 }))
 }

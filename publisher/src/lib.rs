@@ -146,7 +146,9 @@ async fn dispatch(cli: &Cli) -> CliResult<Value> {
             client(cli)?.get(&format!("/v1/devices{q}")).await
         }
         Command::Export(a) => export::export(&client(cli)?, a.id, &a.out, quiet).await,
-        Command::Verify(a) => export::verify(a.dir.as_deref(), a.trust_root.as_deref(), a.image.as_deref(), a.manifest.as_deref(), quiet),
+        Command::Verify(a) => {
+            export::verify(a.dir.as_deref(), a.trust_root.as_deref(), a.image.as_deref(), a.manifest.as_deref(), quiet)
+        }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "flotilla", &mut std::io::stdout());
             Ok(Value::Null)

@@ -58,15 +58,30 @@ fn prepare_input(args: &ReleaseArgs) -> CliResult<Input> {
         std::fs::create_dir_all(&out).map_err(io_err(&out))?;
         let bundle = out.join(format!("index.{}.bundle", args.platform));
         let status = std::process::Command::new("npx")
-            .args(["react-native", "bundle", "--platform", &args.platform, "--entry-file", &args.entry_file, "--dev", "false"])
+            .args([
+                "react-native",
+                "bundle",
+                "--platform",
+                &args.platform,
+                "--entry-file",
+                &args.entry_file,
+                "--dev",
+                "false",
+            ])
             .arg("--bundle-output")
             .arg(&bundle)
             .arg("--assets-dest")
             .arg(&out)
             .status()
-            .map_err(|e| CliError::usage(format!("cannot run npx react-native bundle: {e}; is Node installed and are you in the app's folder?")))?;
+            .map_err(|e| {
+                CliError::usage(format!(
+                    "cannot run npx react-native bundle: {e}; is Node installed and are you in the app's folder?"
+                ))
+            })?;
         if !status.success() {
-            return Err(CliError::usage(format!("npx react-native bundle failed ({status}); fix the bundle build first")));
+            return Err(CliError::usage(format!(
+                "npx react-native bundle failed ({status}); fix the bundle build first"
+            )));
         }
         out
     } else {
@@ -104,7 +119,9 @@ async fn chunk_file(path: &Path, params: ChunkParams, quiet: bool) -> CliResult<
 
 /// The channel's latest version_code, if any.
 pub async fn latest_version_code(client: &Client, product: &str, channel: &str) -> CliResult<Option<u64>> {
-    let v = client.get(&format!("/v1/releases?product={product}&channel={channel}&include_archived=true&limit=1000")).await?;
+    let v = client
+        .get(&format!("/v1/releases?product={product}&channel={channel}&include_archived=true&limit=1000"))
+        .await?;
     Ok(v["releases"].as_array().into_iter().flatten().filter_map(|r| r["version_code"].as_u64()).max())
 }
 
@@ -153,9 +170,13 @@ pub async fn upload_chunks(
             let _permit = permit;
             let object = tokio::task::spawn_blocking(move || -> CliResult<Vec<u8>> {
                 let mut buf = vec![0u8; entry.len as usize];
-                file.read_exact_at(&mut buf, offset).map_err(|e| CliError::failure(format!("reading the image: {e}")))?;
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|e| CliError::failure(format!("reading the image: {e}")))?;
                 if flotilla_core::ids::ChunkId::of(&buf) != entry.id {
-                    return Err(CliError::new(Kind::Verify, "the image changed while it was being published; publish again"));
+                    return Err(CliError::new(
+                        Kind::Verify,
+                        "the image changed while it was being published; publish again",
+                    ));
                 }
                 Ok(flotilla_core::object::encode(&buf, flotilla_core::object::DEFAULT_LEVEL))
             })
@@ -187,12 +208,21 @@ pub async fn run(client: &Client, args: &ReleaseArgs, quiet: bool) -> CliResult<
     let started = Instant::now();
     let keys = signing_keys(&args.keys)?;
     let version = parse_version(&args.version).map_err(|e| CliError::usage(e.to_string()))?;
-    let min_native = args.min_native_version.as_deref().map(parse_version).transpose().map_err(|e| CliError::usage(e.to_string()))?;
-    let min_agent = args.min_agent_version.as_deref().map(parse_version).transpose().map_err(|e| CliError::usage(e.to_string()))?;
+    let min_native = args
+        .min_native_version
+        .as_deref()
+        .map(parse_version)
+        .transpose()
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    let min_agent =
+        args.min_agent_version.as_deref().map(parse_version).transpose().map_err(|e| CliError::usage(e.to_string()))?;
     let rollout = match args.rollout.as_str() {
         "staged" => Value::Null,
         p => {
-            let p: f64 = p.trim_end_matches('%').parse().map_err(|_| CliError::usage("--rollout is a percentage (e.g. 5) or `staged`"))?;
+            let p: f64 = p
+                .trim_end_matches('%')
+                .parse()
+                .map_err(|_| CliError::usage("--rollout is a percentage (e.g. 5) or `staged`"))?;
             json!({ "percent": p })
         }
     };
@@ -202,11 +232,14 @@ pub async fn run(client: &Client, args: &ReleaseArgs, quiet: bool) -> CliResult<
 
     let version_code = match args.version_code {
         Some(c) => c,
-        None => flotilla_core::version::next_version_code(latest_version_code(client, &args.product, &args.channel).await?),
+        None => {
+            flotilla_core::version::next_version_code(latest_version_code(client, &args.product, &args.channel).await?)
+        }
     };
     let ids: Vec<String> = chunked.index.entries().iter().map(|e| e.id.to_hex()).collect();
     let missing = missing_ids(client, &ids).await?;
-    let (uploaded_chunks, uploaded_bytes) = upload_chunks(client, &input.path, &chunked, &missing, args.parallel, quiet).await?;
+    let (uploaded_chunks, uploaded_bytes) =
+        upload_chunks(client, &input.path, &chunked, &missing, args.parallel, quiet).await?;
     let index_bytes = chunked.index.encode();
     client.put_bytes(&format!("/v1/indexes/{}", chunked.index.id()), index_bytes.clone()).await?;
 
@@ -218,11 +251,20 @@ pub async fn run(client: &Client, args: &ReleaseArgs, quiet: bool) -> CliResult<
         version,
         version_code,
         security_version: args.security_version,
-        payload: flotilla_core::manifest::Payload { kind: input.kind, size: chunked.index.image_size(), sha256: chunked.sha256, blake3: chunked.blake3 },
+        payload: flotilla_core::manifest::Payload {
+            kind: input.kind,
+            size: chunked.index.image_size(),
+            sha256: chunked.sha256,
+            blake3: chunked.blake3,
+        },
         chunking: params,
         index: IndexRef { id: chunked.index.id(), size: index_bytes.len() as u64 },
         deltas: Vec::new(),
-        compatibility: Compatibility { hardware: args.hardware.clone(), min_agent_version: min_agent, min_native_version: min_native },
+        compatibility: Compatibility {
+            hardware: args.hardware.clone(),
+            min_agent_version: min_agent,
+            min_native_version: min_native,
+        },
         mandatory: args.mandatory,
         created_at: now,
         expires_at: now.saturating_add(args.expires),
@@ -235,7 +277,9 @@ pub async fn run(client: &Client, args: &ReleaseArgs, quiet: bool) -> CliResult<
         .post("/v1/releases", &json!({ "product": args.product, "manifest": manifest_json, "rollout": rollout }))
         .await
         .map_err(|e| match e.kind {
-            Kind::Conflict => CliError::new(Kind::Conflict, format!("{}; pick a new --version or --version-code", e.message)),
+            Kind::Conflict => {
+                CliError::new(Kind::Conflict, format!("{}; pick a new --version or --version-code", e.message))
+            }
             _ => e,
         })?;
     Ok(json!({

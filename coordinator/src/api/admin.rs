@@ -396,7 +396,9 @@ pub(crate) async fn get_product(
         .bind(&product)
         .fetch_optional(&state.db.pool)
         .await?;
-    let Some((trust_root, created_at)) = row else { return Err(ApiError::not_found(format!("no product {product:?}"))) };
+    let Some((trust_root, created_at)) = row else {
+        return Err(ApiError::not_found(format!("no product {product:?}")));
+    };
     Ok(Json(serde_json::json!({ "name": product, "trust_root": trust_root, "created_at": created_at })))
 }
 
