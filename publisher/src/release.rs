@@ -156,8 +156,9 @@ pub async fn upload_chunks(
         .collect();
     let total: u64 = todo.iter().map(|(_, e)| u64::from(e.len)).sum();
     let pb = progress(total, "uploading", quiet);
-    // Test hook: abort (like a kill -9) after this many uploads, to prove resumption.
-    let abort_after: Option<u64> = std::env::var("FLOTILLA_TEST_ABORT_AFTER_UPLOADS").ok().and_then(|v| v.parse().ok());
+    // Test hook: after this many uploads, stall for good, so a test can kill -9 the CLI at a
+    // known point mid-upload and prove that a re-run sends only what did not arrive.
+    let stall_after: Option<u64> = std::env::var("FLOTILLA_TEST_STALL_AFTER_UPLOADS").ok().and_then(|v| v.parse().ok());
     let file = Arc::new(std::fs::File::open(path).map_err(io_err(path))?);
     let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -185,8 +186,8 @@ pub async fn upload_chunks(
             client.put_bytes(&format!("/v1/chunks/{}?len={}", entry.id, entry.len), object).await?;
             pb.inc(u64::from(entry.len));
             let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            if abort_after.is_some_and(|a| n >= a) {
-                std::process::abort();
+            if stall_after.is_some_and(|a| n >= a) {
+                std::future::pending::<()>().await;
             }
             Ok::<u64, CliError>(u64::from(entry.len))
         });
@@ -201,6 +202,35 @@ pub async fn upload_chunks(
     }
     pb.finish_and_clear();
     Ok((done.load(std::sync::atomic::Ordering::SeqCst), sent_bytes))
+}
+
+/// Fails before any chunking or upload when a signing key is not a `release` key of the
+/// product's trust root, since the coordinator would refuse the manifest at the very end.
+pub async fn check_keys_against_root(
+    client: &Client,
+    product: &str,
+    keys: &[flotilla_core::keys::SigningKey],
+) -> CliResult<()> {
+    let v = client.get(&format!("/v1/products/{product}")).await?;
+    let root_json = v["trust_root"]
+        .as_str()
+        .ok_or_else(|| CliError::failure("the coordinator sent a product without a trust root"))?;
+    let root = flotilla_core::trust::TrustRoot::from_trusted_json(root_json.as_bytes())
+        .map_err(|e| CliError::failure(format!("the product's trust root is unusable: {e}")))?;
+    for key in keys {
+        let id = key.public_key().key_id();
+        if !root.is_in_role(&id, flotilla_core::trust::Role::Release) {
+            return Err(CliError::new(
+                Kind::Rejected,
+                format!(
+                    "key {id} is not a release key of product {product:?}'s trust root (version {}); sign with one of \
+                     its release keys, or rotate the root with `flotilla root rotate --release-key ...`",
+                    root.version()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `flotilla release`.
@@ -226,6 +256,7 @@ pub async fn run(client: &Client, args: &ReleaseArgs, quiet: bool) -> CliResult<
             json!({ "percent": p })
         }
     };
+    check_keys_against_root(client, &args.product, &keys).await?;
     let input = prepare_input(args)?;
     let params = if input.kind == PayloadKind::Raw { ChunkParams::IMAGE } else { ChunkParams::BUNDLE };
     let chunked = chunk_file(&input.path, params, quiet).await?;
