@@ -1,22 +1,51 @@
-//! The Flotilla device agent: library and, later, the `flotilla-agent` daemon.
+//! The Flotilla device agent: library and the `flotilla-agent` daemon.
 //!
 //! The agent checks the coordinator for updates, verifies the release manifest and the
 //! coordinator's rollout assignment against the trust root, fetches and verifies the chunk
-//! index, reuses every chunk its active slot already has, fetches the rest (from peers first
-//! through the mesh, then from the CDN), verifies each chunk before it touches the inactive
-//! A/B slot, checks the whole image's SHA-256, switches slots, and after the reboot runs the
-//! boot-health checks that commit the new slot or roll back to the old one. Every state
-//! change (`Idle → Downloading → Staged → Trial → Committed`, or `Failed` / `RolledBack`) is
-//! written atomically before it is acted on, so a power cut at any instant resumes or rolls
-//! back cleanly.
+//! index, reuses every chunk its active slot already has, fetches the rest from the CDN,
+//! verifies each chunk before it touches the inactive A/B slot, checks the whole image's
+//! SHA-256 from the media, switches slots, and after the reboot runs the boot-health checks
+//! that commit the new slot or roll back to the old one. Every state change
+//! (`Idle → Downloading → Staged → Trial → Committed`, or `Failed` / `RolledBack`) is written
+//! atomically before it is acted on, so a power cut at any instant resumes or rolls back
+//! cleanly.
 //!
-//! # Status
+//! # Layout
+//! - [`config`]: the TOML config.
+//! - [`agent`]: check, install, boot-check, mark-good, status, the daemon loop.
+//! - [`install`]: the slot writer: plan, reuse, parallel verified fetch, resume.
+//! - [`journal`]: the persisted state machine and download progress.
+//! - [`durable`]: atomic, checksummed file writes.
+//! - [`slot`]: `file` and `dir` slots.
+//! - [`boot`]: RAUC-style bootloader variables (env file, U-Boot, GRUB, hook) and the
+//!   `dir` pointer.
+//! - [`health`]: boot-health checks.
+//! - [`events`]: the on-disk event queue.
+//! - [`client`]: the coordinator's device API.
+//! - [`crash`]: named crash points for power-cut tests.
 //!
-//! Placeholder: filled by issue 6 (CDN path); the peer fetch step plugs in with issue 7.
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = flotilla_agent::config::Config::load("/etc/flotilla/agent.toml".as_ref())?;
+//! let agent = flotilla_agent::agent::Agent::new(config)?;
+//! println!("{:?}", agent.check_once().await?);
+//! # Ok(()) }
+//! ```
+//!
+//! The peer fetch step (issue 7) plugs into [`install::ChunkSource`].
 
 #![deny(missing_docs, rustdoc::broken_intra_doc_links, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-/// The shared formats and verification rules this crate builds on, re-exported so the
-/// dependency on `flotilla-core` is real while the crate is a placeholder.
-pub use flotilla_core;
+pub mod agent;
+pub mod boot;
+pub mod client;
+pub mod config;
+pub mod crash;
+pub mod durable;
+pub mod events;
+pub mod health;
+pub mod install;
+pub mod journal;
+pub mod slot;

@@ -342,6 +342,9 @@ const EVENT_KINDS: &[&str] = &["downloading", "staged", "applied", "booted", "he
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Event {
+    /// The device's unique id for the event: an event re-sent with the same id is recorded once.
+    #[serde(default)]
+    id: Option<String>,
     kind: String,
     #[serde(default)]
     release_id: Option<i64>,
@@ -394,6 +397,11 @@ pub(crate) async fn events(
         if e.detail.as_ref().is_some_and(|d| d.len() > 4096) {
             return Err(ApiError::bad_request("event detail is longer than 4096 bytes"));
         }
+        if e.id.as_ref().is_some_and(|id| {
+            id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        }) {
+            return Err(ApiError::bad_request("event id must be 1-64 characters of [A-Za-z0-9._-]"));
+        }
         let as_i64 = |v: u64| i64::try_from(v).map_err(|_| ApiError::bad_request("byte counts must fit in i64"));
         // Resolve the release by version_code within the device's product when no id is given;
         // an id from another product is refused, not recorded.
@@ -419,9 +427,10 @@ pub(crate) async fn events(
             }
             (None, None) => None,
         };
-        sqlx::query(
-            "INSERT INTO events (release_id, product, device_id, kind, bytes_peer, bytes_cdn, bytes_local, bytes_delta, detail, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        // ON CONFLICT: an id already recorded (a batch re-sent after a lost answer) is skipped.
+        let inserted = sqlx::query(
+            "INSERT INTO events (release_id, product, device_id, kind, bytes_peer, bytes_cdn, bytes_local, bytes_delta, detail, created_at, event_uid) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
         )
         .bind(release_id)
         .bind(product)
@@ -433,8 +442,13 @@ pub(crate) async fn events(
         .bind(as_i64(e.bytes.delta)?)
         .bind(&e.detail)
         .bind(now())
+        .bind(&e.id)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            continue;
+        }
         if e.kind == "healthy"
             && let Some(id) = release_id
         {

@@ -1,0 +1,1014 @@
+//! The agent: update checks, installs, boot checks, status. Every state change goes through
+//! the journal before it is acted on (see [`crate::journal`]); the order of writes follows
+//! DESIGN.md's "Security and crash-safety rules".
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotilla_core::manifest::{DeviceContext, ManifestError, VerifiedManifest, verify_for_device};
+use flotilla_core::rollout::{AssignmentError, verify_assignment};
+use flotilla_core::time::{Timestamp, trusted_now};
+use flotilla_core::trust::TrustRoot;
+use serde::{Deserialize, Serialize};
+
+use crate::boot::{BootControl, BootError};
+use crate::client::{CheckOutcome, ClientError, Coordinator, EnrollRequest};
+use crate::config::{Config, SlotsConfig};
+use crate::crash;
+use crate::durable::write_atomic;
+use crate::events::{EventKind, EventQueue};
+use crate::install::{self, ChunkSource, WriteError, WritePlan};
+use crate::journal::{ByteSources, Journal, JournalError, MAX_TRANSITIONS, Release, State, Target};
+use crate::slot::{SlotError, SlotName, Slots};
+
+/// This agent's version (sent to the coordinator, checked against `min_agent_version`).
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How often `boot-check` looks for the mark-good flag while it waits.
+const MARK_GOOD_POLL: Duration = Duration::from_millis(50);
+
+/// Agent errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The journal.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The bootloader state.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A slot.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// The coordinator.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The manifest or index was refused.
+    #[error("release refused: {0}")]
+    Manifest(#[from] ManifestError),
+    /// The coordinator's signed assignment was refused.
+    #[error("release refused: {0}")]
+    Assignment(#[from] AssignmentError),
+    /// Writing the slot failed.
+    #[error("install failed: {0}")]
+    Write(#[from] WriteError),
+    /// The written slot does not hash to the manifest's SHA-256.
+    #[error("slot {slot} hashes to {actual} after writing, the manifest says {expected}; not switching")]
+    ImageMismatch {
+        /// The slot.
+        slot: SlotName,
+        /// Manifest.
+        expected: flotilla_core::ids::Sha256Digest,
+        /// Read back.
+        actual: flotilla_core::ids::Sha256Digest,
+    },
+    /// The release was rolled back on this device before.
+    #[error("release {version} (version_code {version_code}) was rolled back on this device; not installing it again")]
+    Blacklisted {
+        /// Version.
+        version: String,
+        /// version_code.
+        version_code: u64,
+    },
+    /// Another install or trial is in progress.
+    #[error("an install is in state {0:?}; finish it (reboot, boot-check) first")]
+    Busy(State),
+    /// Another agent process holds the state lock.
+    #[error("another flotilla-agent is working on {0}; try again when it is done")]
+    Locked(PathBuf),
+    /// The trust root file.
+    #[error("trust root {path}: {message}")]
+    TrustRoot {
+        /// The file.
+        path: PathBuf,
+        /// The problem.
+        message: String,
+    },
+    /// No device id.
+    #[error("device id: {0}")]
+    DeviceId(String),
+    /// No coordinator configured.
+    #[error("no coordinator is configured (set `coordinator` in the config or FLOTILLA_COORDINATOR_URL)")]
+    NoCoordinator,
+    /// A local export is incomplete.
+    #[error("export {path}: {message}")]
+    Export {
+        /// The directory.
+        path: PathBuf,
+        /// The problem.
+        message: String,
+    },
+    /// State directory I/O.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Io { what, source }
+}
+
+/// Files in the state directory.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    /// The journal.
+    pub fn journal(&self) -> PathBuf {
+        self.file("journal")
+    }
+    fn progress(&self) -> PathBuf {
+        self.file("progress")
+    }
+    fn enrollment(&self) -> PathBuf {
+        self.file("enrollment.json")
+    }
+    fn etag(&self) -> PathBuf {
+        self.file("etag")
+    }
+    /// One line per chunk fetched over the network during the current install.
+    pub fn downloads_log(&self) -> PathBuf {
+        self.file("downloads.log")
+    }
+    fn healthy_flag(&self) -> PathBuf {
+        self.file("healthy")
+    }
+    fn lock(&self) -> PathBuf {
+        self.file("lock")
+    }
+    fn events(&self) -> PathBuf {
+        self.file("events")
+    }
+    fn target_manifest(&self) -> PathBuf {
+        self.file("target.manifest.json")
+    }
+    fn target_index(&self) -> PathBuf {
+        self.file("target.index")
+    }
+    fn slot_index(&self, s: SlotName) -> PathBuf {
+        self.file(&format!("slot-{}.index", s.lower()))
+    }
+    fn slot_manifest(&self, s: SlotName) -> PathBuf {
+        self.file(&format!("slot-{}.manifest.json", s.lower()))
+    }
+}
+
+/// The stored enrollment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Enrollment {
+    token: String,
+    device_id: String,
+    product: String,
+    channel: String,
+    coordinator: String,
+}
+
+/// What `check-once` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum CheckReport {
+    /// Nothing newer.
+    UpToDate,
+    /// A release is available but waits for approval (`auto_install = false`).
+    Available {
+        /// Version.
+        version: String,
+    },
+    /// A newer release needs a newer native shell.
+    NativeTooOld {
+        /// Required version.
+        required: String,
+    },
+    /// Installed into the inactive slot and switched; a reboot boots it.
+    Staged {
+        /// Version.
+        version: String,
+        /// The slot.
+        slot: SlotName,
+        /// Bytes by source.
+        bytes: ByteSources,
+    },
+    /// A switch is made and waits for a reboot.
+    RebootPending {
+        /// The slot.
+        slot: SlotName,
+    },
+    /// A slot is on trial; `boot-check` decides.
+    OnTrial,
+}
+
+/// What `boot-check` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum BootReport {
+    /// Nothing was on trial; the running slot is marked good.
+    Normal {
+        /// The running slot.
+        slot: SlotName,
+    },
+    /// The slot on trial passed and is committed.
+    Committed {
+        /// The slot.
+        slot: SlotName,
+        /// Version.
+        version: String,
+    },
+    /// The trial failed this time; reboot to try again (attempts left).
+    RetryAfterReboot {
+        /// Why.
+        reason: String,
+        /// Attempts used.
+        attempts: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// The switch was not made yet; it is now, and a reboot boots the new slot.
+    RebootPending {
+        /// The slot.
+        slot: SlotName,
+    },
+    /// Rolled back to the previous slot (for `file` slots a reboot boots it).
+    RolledBack {
+        /// The slot now selected.
+        slot: SlotName,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The agent.
+#[derive(Debug)]
+pub struct Agent {
+    config: Config,
+    paths: Paths,
+    slots: Slots,
+    boot: BootControl,
+    queue: EventQueue,
+    root: TrustRoot,
+    device_id: String,
+}
+
+/// Holds the state directory lock while alive.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] File);
+
+impl Agent {
+    /// Builds an agent from its config: loads the trust root, resolves the device id, creates
+    /// the state directory (0700).
+    ///
+    /// # Errors
+    /// [`AgentError`] naming the problem.
+    pub fn new(config: Config) -> Result<Self, AgentError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .map_err(io_err(format!("creating the state directory {}", config.state_dir.display())))?;
+        let root_bytes = std::fs::read(&config.trust_root)
+            .map_err(|e| AgentError::TrustRoot { path: config.trust_root.clone(), message: e.to_string() })?;
+        let root = TrustRoot::from_trusted_json(&root_bytes)
+            .map_err(|e| AgentError::TrustRoot { path: config.trust_root.clone(), message: e.to_string() })?;
+        let device_id = resolve_device_id(&config)?;
+        let slots = Slots::from_config(&config.slots);
+        let boot = match &config.slots {
+            SlotsConfig::File { .. } => BootControl::env(&config.bootloader, config.health.boot_attempts),
+            SlotsConfig::Dir { root } => BootControl::pointer(root),
+        };
+        let paths = Paths { dir: config.state_dir.clone() };
+        let queue = EventQueue::new(&paths.events());
+        Ok(Self { config, paths, slots, boot, queue, root, device_id })
+    }
+
+    /// The state directory's files.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// The device id in use.
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Takes the state lock: one agent process acts at a time.
+    ///
+    /// # Errors
+    /// [`AgentError::Locked`] when another process holds it.
+    pub fn lock(&self, wait: bool) -> Result<StateLock, AgentError> {
+        let path = self.paths.lock();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        if wait {
+            f.lock().map_err(io_err("locking the state directory"))?;
+        } else {
+            match f.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => return Err(AgentError::Locked(self.paths.dir.clone())),
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err("locking the state directory")(e)),
+            }
+        }
+        Ok(StateLock(f))
+    }
+
+    fn journal(&self) -> Result<Journal, AgentError> {
+        Ok(Journal::load(&self.paths.journal())?)
+    }
+
+    fn coordinator(&self) -> Result<Coordinator, AgentError> {
+        let url = self.config.coordinator.as_deref().ok_or(AgentError::NoCoordinator)?;
+        Ok(Coordinator::new(url)?)
+    }
+
+    fn event(&self, kind: EventKind, release: Option<&Release>, bytes: ByteSources, detail: Option<String>) {
+        if let Err(e) = self.queue.push(kind, release, bytes, detail) {
+            tracing::error!(error = %e, "cannot queue an event");
+        }
+    }
+
+    fn load_enrollment(&self) -> Option<Enrollment> {
+        let e: Enrollment = serde_json::from_slice(&std::fs::read(self.paths.enrollment()).ok()?).ok()?;
+        let same = e.device_id == self.device_id
+            && e.product == self.config.product
+            && e.channel == self.config.channel
+            && Some(e.coordinator.as_str()) == self.config.coordinator.as_deref();
+        same.then_some(e)
+    }
+
+    async fn enroll(&self, c: &Coordinator, j: &Journal) -> Result<String, AgentError> {
+        let installed = j.installed.as_ref();
+        let token = c
+            .enroll(&EnrollRequest {
+                device_id: &self.device_id,
+                product: &self.config.product,
+                channel: &self.config.channel,
+                hardware: self.config.hardware.as_deref(),
+                version: installed.map(|r| r.version.as_str()),
+                version_code: installed.map(|r| r.version_code),
+                agent_version: AGENT_VERSION,
+                native_version: self.config.native_version.as_deref(),
+                enrollment_secret: self.config.enrollment_secret.as_ref().map(|s| s.expose()),
+            })
+            .await?;
+        let e = Enrollment {
+            token: token.clone(),
+            device_id: self.device_id.clone(),
+            product: self.config.product.clone(),
+            channel: self.config.channel.clone(),
+            coordinator: self.config.coordinator.clone().unwrap_or_default(),
+        };
+        // write_atomic creates files 0600: the token is a credential.
+        write_atomic(&self.paths.enrollment(), &serde_json::to_vec(&e).unwrap_or_default())
+            .map_err(io_err("storing the device token"))?;
+        let _ = std::fs::remove_file(crate::durable::previous_of(&self.paths.enrollment()));
+        let _ = std::fs::remove_file(self.paths.etag());
+        tracing::info!(device = %self.device_id, channel = %self.config.channel, "enrolled");
+        Ok(token)
+    }
+
+    async fn token(&self, c: &Coordinator, j: &Journal) -> Result<String, AgentError> {
+        match self.load_enrollment() {
+            Some(e) => Ok(e.token),
+            None => self.enroll(c, j).await,
+        }
+    }
+
+    /// Sends queued events; keeps them when the coordinator is unreachable.
+    ///
+    /// # Errors
+    /// The coordinator refused or is unreachable (events stay queued).
+    pub async fn flush_events(&self) -> Result<usize, AgentError> {
+        let pending = self.queue.pending();
+        if pending.is_empty() || self.config.coordinator.is_none() {
+            return Ok(0);
+        }
+        let c = self.coordinator()?;
+        let Some(enrollment) = self.load_enrollment() else { return Ok(0) };
+        let mut sent = 0;
+        for batch in pending.chunks(crate::events::BATCH) {
+            let events: Vec<_> = batch.iter().map(|(_, e)| e.clone()).collect();
+            c.send_events(&enrollment.token, &events).await?;
+            crash::point("events-sent");
+            let paths: Vec<PathBuf> = batch.iter().map(|(p, _)| p.clone()).collect();
+            self.queue.remove(&paths).map_err(io_err("removing sent events"))?;
+            sent += events.len();
+        }
+        Ok(sent)
+    }
+
+    /// Finishes what an interrupted run left: a staged slot whose switch is not recorded yet.
+    fn resume_activation(&self, j: &mut Journal) -> Result<Option<CheckReport>, AgentError> {
+        if j.state != State::Staged {
+            return Ok(None);
+        }
+        let slot = j.target.as_ref().map(|t| t.slot).unwrap_or(j.active.other());
+        self.activate(j)?;
+        Ok(Some(CheckReport::RebootPending { slot }))
+    }
+
+    /// One update check and, when a release is offered and allowed, its install.
+    ///
+    /// # Errors
+    /// [`AgentError`]; a refused release is also reported as a `failed` event.
+    pub async fn check_once(&self) -> Result<CheckReport, AgentError> {
+        let _lock = self.lock(false)?;
+        let mut j = self.journal()?;
+        let _ = self.flush_events().await;
+        if let Some(r) = self.resume_activation(&mut j)? {
+            return Ok(r);
+        }
+        if j.state == State::Trial {
+            return Ok(CheckReport::OnTrial);
+        }
+        let c = self.coordinator()?;
+        let result = self.check_and_install(&c, &mut j).await;
+        let _ = self.flush_events().await;
+        result
+    }
+
+    async fn check_and_install(&self, c: &Coordinator, j: &mut Journal) -> Result<CheckReport, AgentError> {
+        let mut token = self.token(c, j).await?;
+        let mut query: Vec<(&str, String)> = vec![("agent_version", AGENT_VERSION.to_owned())];
+        if let Some(r) = &j.installed {
+            query.push(("version_code", r.version_code.to_string()));
+        }
+        if let Some(v) = &self.config.native_version {
+            query.push(("native_version", v.clone()));
+        }
+        // A cheap conditional poll first when nothing is in progress: the coordinator answers
+        // 304 while the offer is unchanged. A fresh offer is then fetched again with a nonce,
+        // so its signed assignment is bound to this check.
+        let stored_etag = std::fs::read_to_string(self.paths.etag()).ok().filter(|_| j.state.is_settled());
+        if let Some(tag) = &stored_etag {
+            let first = match c.check(&token, &query, Some(tag)).await {
+                Err(ClientError::Status { status: reqwest::StatusCode::UNAUTHORIZED, .. }) => {
+                    token = self.enroll(c, j).await?;
+                    c.check(&token, &query, Some(tag)).await?
+                }
+                other => other?,
+            };
+            match first {
+                CheckOutcome::NotModified | CheckOutcome::NoUpdate => return Ok(CheckReport::UpToDate),
+                CheckOutcome::NativeTooOld { required } => return Ok(CheckReport::NativeTooOld { required }),
+                CheckOutcome::Offer(..) => {}
+            }
+        }
+        let nonce = {
+            let mut n = [0u8; 16];
+            getrandom::fill(&mut n).map_err(|e| io_err("random nonce")(std::io::Error::other(e.to_string())))?;
+            hex::encode(n)
+        };
+        query.push(("nonce", nonce.clone()));
+        let outcome = match c.check(&token, &query, None).await {
+            Err(ClientError::Status { status: reqwest::StatusCode::UNAUTHORIZED, .. }) => {
+                token = self.enroll(c, j).await?;
+                c.check(&token, &query, None).await?
+            }
+            other => other?,
+        };
+        let (offer, etag) = match outcome {
+            CheckOutcome::NoUpdate | CheckOutcome::NotModified => {
+                let _ = std::fs::remove_file(self.paths.etag());
+                return Ok(CheckReport::UpToDate);
+            }
+            CheckOutcome::NativeTooOld { required } => return Ok(CheckReport::NativeTooOld { required }),
+            CheckOutcome::Offer(offer, etag) => (offer, etag),
+        };
+        let remember_etag = || {
+            if let Some(tag) = &etag {
+                let _ = write_atomic(&self.paths.etag(), tag.as_bytes());
+            }
+        };
+        if !self.config.auto_install && !offer.mandatory {
+            remember_etag();
+            return Ok(CheckReport::Available { version: format!("version_code {}", offer.version_code) });
+        }
+        let source = Incoming {
+            envelope: offer.manifest.as_bytes(),
+            assignment: Some((offer.assignment.as_bytes(), nonce.as_str())),
+            release_id: Some(offer.release_id),
+            index: IndexFrom::Coordinator(c.clone(), offer.index.url.clone()),
+            chunks: ChunkSource::Coordinator(c.clone()),
+        };
+        let result = self.install(j, source).await;
+        match &result {
+            Ok(_) => remember_etag(),
+            // A refused release stays refused until the coordinator offers something else.
+            Err(AgentError::Manifest(_) | AgentError::Assignment(_) | AgentError::Blacklisted { .. }) => {
+                remember_etag()
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Installs a release from a `flotilla export` directory (USB updates).
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    pub async fn install_export(&self, dir: &Path) -> Result<CheckReport, AgentError> {
+        let _lock = self.lock(false)?;
+        let mut j = self.journal()?;
+        if let Some(r) = self.resume_activation(&mut j)? {
+            return Ok(r);
+        }
+        let manifest_path = dir.join("manifest.json");
+        let envelope = std::fs::read(&manifest_path)
+            .map_err(|e| AgentError::Export { path: dir.to_path_buf(), message: format!("manifest.json: {e}") })?;
+        let source = Incoming {
+            envelope: &envelope,
+            assignment: None,
+            release_id: None,
+            index: IndexFrom::File(dir.join("index.bin")),
+            chunks: ChunkSource::Export(dir.to_path_buf()),
+        };
+        let result = self.install(&mut j, source).await;
+        let _ = self.flush_events().await;
+        result
+    }
+
+    fn refuse(&self, j: &mut Journal, release: Option<&Release>, e: AgentError) -> AgentError {
+        tracing::error!(error = %e, "release refused");
+        self.event(EventKind::Failed, release, ByteSources::default(), Some(e.to_string()));
+        j.last_error = Some(e.to_string());
+        if let Err(save) = j.save(&self.paths.journal()) {
+            tracing::error!(error = %save, "cannot record the refusal");
+        }
+        e
+    }
+
+    fn verify(&self, j: &mut Journal, src: &Incoming<'_>) -> Result<VerifiedManifest, AgentError> {
+        let mut signed_time = None;
+        if let Some((assignment, nonce)) = src.assignment {
+            let now = trusted_now(Timestamp::now(), j.time_floor, None);
+            let a = verify_assignment(assignment, &self.root, &self.device_id, nonce, now)?;
+            signed_time = Some(a.server_time());
+            j.time_floor = Some(j.time_floor.map_or(a.server_time(), |t| t.max(a.server_time())));
+            let m = self.verify_manifest(j, src.envelope, signed_time)?;
+            a.check_agreement(&m)?;
+            return Ok(m);
+        }
+        self.verify_manifest(j, src.envelope, signed_time)
+    }
+
+    fn verify_manifest(
+        &self,
+        j: &Journal,
+        envelope: &[u8],
+        signed_time: Option<Timestamp>,
+    ) -> Result<VerifiedManifest, AgentError> {
+        let mut ctx = DeviceContext::new(
+            &self.config.product,
+            &self.config.channel,
+            trusted_now(Timestamp::now(), j.time_floor, signed_time),
+        );
+        ctx.hardware = self.config.hardware.clone();
+        ctx.installed_version_code = j.installed.as_ref().map(|r| r.version_code);
+        ctx.security_floor = j.security_floor;
+        ctx.agent_version = flotilla_core::version::parse_version(AGENT_VERSION).ok();
+        ctx.native_version =
+            self.config.native_version.as_deref().and_then(|v| flotilla_core::version::parse_version(v).ok());
+        let m = verify_for_device(envelope, &self.root, &ctx)?;
+        if j.blacklist.contains(&m.payload_sha256()) {
+            let man = m.manifest();
+            return Err(AgentError::Blacklisted { version: man.version.to_string(), version_code: man.version_code });
+        }
+        Ok(m)
+    }
+
+    async fn install(&self, j: &mut Journal, src: Incoming<'_>) -> Result<CheckReport, AgentError> {
+        if !j.state.is_settled() && j.state != State::Downloading {
+            return Err(AgentError::Busy(j.state));
+        }
+        // Verify everything before fetching anything.
+        let m = match self.verify(j, &src) {
+            Ok(m) => m,
+            Err(e) => return Err(self.refuse(j, None, e)),
+        };
+        let release = Release::of(&m, src.release_id);
+        if let Err(e) = self.slots.check_kind(release.kind) {
+            return Err(self.refuse(j, Some(&release), e.into()));
+        }
+        let index_bytes = match src.index.fetch(m.manifest().index.size).await {
+            Ok(b) => b,
+            Err(e) if matches!(&e, AgentError::Client(c) if c.is_transient()) => return Err(e),
+            Err(e) => return Err(self.refuse(j, Some(&release), e)),
+        };
+        let index = match m.check_index(&index_bytes) {
+            Ok(i) => i,
+            Err(e) => return Err(self.refuse(j, Some(&release), e.into())),
+        };
+
+        let slot = j.active.other();
+        let resume = j.state == State::Downloading
+            && j.target
+                .as_ref()
+                .is_some_and(|t| t.release.manifest_sha256 == release.manifest_sha256 && t.slot == slot);
+        if resume && j.target.as_ref().is_some_and(|t| t.transitions > MAX_TRANSITIONS) {
+            let e =
+                AgentError::Export { path: self.paths.dir.clone(), message: "install interrupted too often".into() };
+            return Err(self.fail(j, &release, e));
+        }
+        write_atomic(&self.paths.target_manifest(), m.envelope_json()).map_err(io_err("storing the manifest"))?;
+        write_atomic(&self.paths.target_index(), &index_bytes).map_err(io_err("storing the index"))?;
+        // Write order: the target slot leaves the boot order before a byte of it is written,
+        // then the journal claims it.
+        self.boot.mark_unbootable(slot)?;
+        crash::point("marked-unbootable");
+        if !resume {
+            let _ = std::fs::remove_file(self.paths.slot_index(slot));
+            let _ = std::fs::remove_file(self.paths.slot_manifest(slot));
+            j.previous = None; // the other slot is being overwritten: no fallback there now
+            j.target = Some(Target {
+                release: release.clone(),
+                slot,
+                attempts: 0,
+                transitions: 0,
+                bytes: ByteSources::default(),
+                activated: false,
+            });
+            j.last_error = None;
+            j.transition(State::Downloading, &self.paths.journal())?;
+            self.event(EventKind::Downloading, Some(&release), ByteSources::default(), None);
+        } else {
+            j.save(&self.paths.journal())?;
+            tracing::info!(version = %release.version, slot = %slot, "resuming the install");
+        }
+
+        let kept = j.installed.as_ref().and_then(|_| install::read_kept_index(&self.paths.slot_index(j.active)));
+        let plan = WritePlan {
+            slots: &self.slots,
+            target: slot,
+            index: &index,
+            active: Some((j.active, kept)),
+            source: src.chunks.clone(),
+            progress_path: self.paths.progress(),
+            downloads_log: self.paths.downloads_log(),
+            parallel: self.config.parallel_downloads,
+            attempts: self.config.fetch_attempts,
+            max_rate: self.config.max_download_rate,
+        };
+        let bytes = match install::write_slot(plan).await {
+            Ok(b) => b,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "install interrupted; it resumes at the next check");
+                return Err(e.into());
+            }
+            Err(e) => return Err(self.fail(j, &release, e.into())),
+        };
+
+        // Read the slot back from the media and check the whole image.
+        let (slots, size) = (self.slots.clone(), release.image_size);
+        let actual = tokio::task::spawn_blocking(move || slots.hash_image(slot, size))
+            .await
+            .map_err(|e| io_err("hashing the slot")(std::io::Error::other(e.to_string())))??;
+        crash::point("slot-hashed");
+        if actual != release.image_sha256 {
+            let _ = std::fs::remove_file(self.paths.progress());
+            let e = AgentError::ImageMismatch { slot, expected: release.image_sha256, actual };
+            return Err(self.fail(j, &release, e));
+        }
+        let slots = self.slots.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || slots.finalize(slot))
+            .await
+            .map_err(|e| io_err("unpacking")(std::io::Error::other(e.to_string())))?
+        {
+            return Err(self.fail(j, &release, e.into()));
+        }
+        write_atomic(&self.paths.slot_index(slot), &index_bytes).map_err(io_err("keeping the slot's index"))?;
+        write_atomic(&self.paths.slot_manifest(slot), m.envelope_json()).map_err(io_err("keeping the manifest"))?;
+        let _ = std::fs::remove_file(self.paths.healthy_flag());
+        if let Some(t) = &mut j.target {
+            t.bytes = bytes;
+        }
+        j.transition(State::Staged, &self.paths.journal())?;
+        let _ = std::fs::remove_file(self.paths.progress());
+        self.event(EventKind::Staged, Some(&release), ByteSources::default(), None);
+        crash::point("staged");
+        self.activate(j)?;
+        Ok(CheckReport::Staged { version: release.version.clone(), slot, bytes })
+    }
+
+    /// The switch: one bootloader transaction (or pointer swap), then the journal records it.
+    fn activate(&self, j: &mut Journal) -> Result<(), AgentError> {
+        let Some(t) = j.target.clone() else { return Ok(()) };
+        self.boot.activate(t.slot)?;
+        crash::point("activated");
+        if !t.activated {
+            if let Some(tm) = &mut j.target {
+                tm.activated = true;
+            }
+            j.save(&self.paths.journal())?;
+            self.event(EventKind::Applied, Some(&t.release), ByteSources::default(), None);
+            tracing::info!(slot = %t.slot, version = %t.release.version, "switched; reboot to run the new slot");
+            if let Some((cmd, args)) = self.config.reboot_command.split_first() {
+                let _ = std::process::Command::new(cmd).args(args).status();
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&self, j: &mut Journal, release: &Release, e: AgentError) -> AgentError {
+        tracing::error!(error = %e, version = %release.version, "install failed; the active slot is untouched");
+        j.last_error = Some(e.to_string());
+        if let Err(save) = j.transition(State::Failed, &self.paths.journal()) {
+            tracing::error!(error = %save, "cannot record the failure");
+        }
+        self.event(
+            EventKind::Failed,
+            Some(release),
+            j.target.as_ref().map(|t| t.bytes).unwrap_or_default(),
+            Some(e.to_string()),
+        );
+        e
+    }
+
+    /// Early at boot: counts the attempt of a slot on trial, runs the health checks, commits
+    /// or rolls back. On a normal boot it marks the running slot good.
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    pub async fn boot_check(&self) -> Result<BootReport, AgentError> {
+        let _lock = self.lock(true)?;
+        let mut j = self.journal()?;
+        let booted = self.boot.boot(j.active)?;
+        let report = match (j.state, j.target.clone()) {
+            (State::Staged, Some(t)) => {
+                if booted == t.slot {
+                    if let Some(tm) = &mut j.target {
+                        tm.attempts = 0;
+                    }
+                    j.transition(State::Trial, &self.paths.journal())?;
+                    self.event(EventKind::Booted, Some(&t.release), ByteSources::default(), None);
+                    crash::point("trial");
+                    self.trial(&mut j).await?
+                } else if !t.activated {
+                    self.activate(&mut j)?;
+                    BootReport::RebootPending { slot: t.slot }
+                } else {
+                    let why = format!("the bootloader did not boot slot {} (booted {booted})", t.slot);
+                    self.rollback(&mut j, why)?
+                }
+            }
+            (State::Trial, Some(t)) => {
+                if booted == t.slot {
+                    self.trial(&mut j).await?
+                } else {
+                    let why =
+                        format!("slot {} used up its boot tries; the bootloader fell back to slot {booted}", t.slot);
+                    self.rollback(&mut j, why)?
+                }
+            }
+            _ => {
+                if booted == j.active {
+                    self.boot.mark_good(booted)?;
+                } else {
+                    tracing::warn!(booted = %booted, active = %j.active, "running a slot that is not the committed one");
+                }
+                BootReport::Normal { slot: booted }
+            }
+        };
+        drop(_lock);
+        let _ = self.flush_events().await;
+        Ok(report)
+    }
+
+    async fn trial(&self, j: &mut Journal) -> Result<BootReport, AgentError> {
+        let limit = self.config.health.boot_attempts;
+        let Some(t) = j.target.as_mut() else { return Ok(BootReport::Normal { slot: j.active }) };
+        t.attempts += 1;
+        let (attempts, release) = (t.attempts, t.release.clone());
+        // The attempt is counted before the checks run: a check that hangs or crashes the
+        // device still uses up an attempt.
+        j.save(&self.paths.journal())?;
+        if attempts > limit {
+            return self.rollback(j, format!("used up its {limit} boot attempts"));
+        }
+        let mut result = crate::health::run_checks(&self.config.health).await.map_err(|e| e.to_string());
+        if result.is_ok()
+            && let Some(timeout) = self.config.health.mark_good_timeout
+        {
+            result = self.wait_mark_good(&release, timeout).await;
+        }
+        match result {
+            Ok(()) => self.commit(j),
+            Err(why) if attempts >= limit => self.rollback(j, format!("{why} (boot attempt {attempts} of {limit})")),
+            Err(why) => {
+                self.event(
+                    EventKind::Failed,
+                    Some(&release),
+                    ByteSources::default(),
+                    Some(format!("{why} (boot attempt {attempts} of {limit})")),
+                );
+                Ok(BootReport::RetryAfterReboot { reason: why, attempts, limit })
+            }
+        }
+    }
+
+    async fn wait_mark_good(&self, release: &Release, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let want = release.manifest_sha256.to_hex();
+        loop {
+            if std::fs::read_to_string(self.paths.healthy_flag()).is_ok_and(|s| s.trim() == want) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("not marked healthy within {}", humantime::format_duration(timeout)));
+            }
+            tokio::time::sleep(MARK_GOOD_POLL).await;
+        }
+    }
+
+    fn commit(&self, j: &mut Journal) -> Result<BootReport, AgentError> {
+        let Some(t) = j.target.clone() else { return Ok(BootReport::Normal { slot: j.active }) };
+        self.boot.mark_good(t.slot)?;
+        crash::point("committed-env");
+        j.previous = j.installed.take();
+        j.installed = Some(t.release.clone());
+        j.active = t.slot;
+        // The anti-rollback floor rises only now that the new slot is committed.
+        j.security_floor = j.security_floor.max(t.release.security_version);
+        j.last_error = None;
+        j.transition(State::Committed, &self.paths.journal())?;
+        let _ = std::fs::remove_file(self.paths.healthy_flag());
+        self.event(EventKind::Healthy, Some(&t.release), t.bytes, None);
+        Ok(BootReport::Committed { slot: t.slot, version: t.release.version })
+    }
+
+    fn rollback(&self, j: &mut Journal, why: String) -> Result<BootReport, AgentError> {
+        let Some(t) = j.target.clone() else { return Ok(BootReport::Normal { slot: j.active }) };
+        let good = t.slot.other();
+        tracing::error!(slot = %t.slot, version = %t.release.version, reason = %why, "rolling back");
+        self.boot.rollback(good, t.slot)?;
+        if !j.blacklist.contains(&t.release.manifest_sha256) {
+            j.blacklist.push(t.release.manifest_sha256);
+        }
+        j.active = good;
+        j.last_error = Some(why.clone());
+        j.transition(State::RolledBack, &self.paths.journal())?;
+        let _ = std::fs::remove_file(self.paths.healthy_flag());
+        self.event(EventKind::RolledBack, Some(&t.release), ByteSources::default(), Some(why.clone()));
+        Ok(BootReport::RolledBack { slot: good, reason: why })
+    }
+
+    /// Marks the slot on trial healthy (what an app's SDK calls once it runs well).
+    ///
+    /// # Errors
+    /// I/O.
+    pub fn mark_good(&self) -> Result<Option<String>, AgentError> {
+        let j = self.journal()?;
+        match (j.state, &j.target) {
+            (State::Staged | State::Trial, Some(t)) => {
+                write_atomic(&self.paths.healthy_flag(), t.release.manifest_sha256.to_hex().as_bytes())
+                    .map_err(io_err("writing the healthy mark"))?;
+                Ok(Some(t.release.version.clone()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The device's state, for humans and `--json`.
+    ///
+    /// # Errors
+    /// The journal.
+    pub fn status(&self) -> Result<serde_json::Value, AgentError> {
+        let j = self.journal()?;
+        let selected = self.boot.selected(j.active).ok();
+        Ok(serde_json::json!({
+            "device_id": self.device_id,
+            "product": self.config.product,
+            "channel": self.config.channel,
+            "agent_version": AGENT_VERSION,
+            "state": j.state,
+            "active_slot": j.active,
+            "selected_slot": selected,
+            "installed": j.installed,
+            "previous": j.previous,
+            "target": j.target,
+            "security_floor": j.security_floor,
+            "time_floor": j.time_floor,
+            "blacklist": j.blacklist,
+            "last_error": j.last_error,
+            "slots": self.slots.kind(),
+            "bootloader": self.boot.describe(),
+            "bundle_path": self.slots.current_link(),
+            "pending_events": self.queue.pending().len(),
+            "enrolled": self.load_enrollment().is_some(),
+        }))
+    }
+
+    /// The daemon: checks every poll interval (plus jitter) until `shutdown` resolves.
+    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            match self.check_once().await {
+                Ok(report) => tracing::info!(?report, "update check done"),
+                Err(e) => tracing::warn!(error = %e, "update check failed"),
+            }
+            let wait = self.config.poll_interval + jitter(self.config.poll_jitter);
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::info!("agent stopped");
+    }
+}
+
+fn jitter(max: Duration) -> Duration {
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    max.mul_f64(f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX))
+}
+
+/// Where the index of an incoming release comes from.
+#[derive(Debug)]
+enum IndexFrom {
+    Coordinator(Coordinator, String),
+    File(PathBuf),
+}
+
+impl IndexFrom {
+    async fn fetch(&self, declared: u64) -> Result<Vec<u8>, AgentError> {
+        match self {
+            Self::Coordinator(c, url) => Ok(c.get_bounded(url, declared).await?),
+            Self::File(path) => {
+                let meta = std::fs::metadata(path)
+                    .map_err(|e| AgentError::Export { path: path.clone(), message: e.to_string() })?;
+                if meta.len() > declared {
+                    return Err(ManifestError::IndexSizeMismatch { expected: declared, actual: meta.len() }.into());
+                }
+                std::fs::read(path).map_err(|e| AgentError::Export { path: path.clone(), message: e.to_string() })
+            }
+        }
+    }
+}
+
+/// A release arriving from a coordinator or an export.
+#[derive(Debug)]
+struct Incoming<'a> {
+    envelope: &'a [u8],
+    assignment: Option<(&'a [u8], &'a str)>,
+    release_id: Option<i64>,
+    index: IndexFrom,
+    chunks: ChunkSource,
+}
+
+/// The device id: configured value, else a command's output, else a file's first line
+/// (default `/etc/machine-id`).
+///
+/// # Errors
+/// [`AgentError::DeviceId`].
+pub fn resolve_device_id(config: &Config) -> Result<String, AgentError> {
+    let src = &config.device_id;
+    let raw = if let Some(v) = &src.value {
+        v.clone()
+    } else if let Some(cmd) = &src.command {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .output()
+            .map_err(|e| AgentError::DeviceId(format!("running `{cmd}`: {e}")))?;
+        if !out.status.success() {
+            return Err(AgentError::DeviceId(format!("`{cmd}` exited with {}", out.status)));
+        }
+        String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_owned()
+    } else {
+        let path = src.file.clone().unwrap_or_else(|| PathBuf::from("/etc/machine-id"));
+        std::fs::read_to_string(&path)
+            .map_err(|e| AgentError::DeviceId(format!("{}: {e}", path.display())))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let id = raw.trim().to_owned();
+    let valid = !id.is_empty()
+        && id.len() <= flotilla_core::rollout::MAX_DEVICE_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    if !valid {
+        return Err(AgentError::DeviceId(format!("{id:?} is not 1-128 characters of [A-Za-z0-9._:-]")));
+    }
+    Ok(id)
+}

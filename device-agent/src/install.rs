@@ -1,0 +1,458 @@
+//! Writing a release into the inactive slot: plan, reuse, fetch, verify, write, resume.
+//!
+//! Each chunk of the new image comes from the first of:
+//! 1. the target slot itself, when a resumed install finds it already written there
+//!    (the progress bitmap, or for chunks written after the last checkpoint a hash in place);
+//! 2. the active slot, when it holds a chunk with the same id (found through the index kept
+//!    from its install, or by re-chunking it with the manifest's parameters);
+//! 3. the network (the coordinator's `/v1/chunks/{id}` or the CDN it redirects to) or a local
+//!    export, `parallel` requests at a time, with retries and capped exponential backoff.
+//!
+//! Every chunk is verified (BLAKE3 against the index) before it is written at its offset(s).
+//! The slot is `fdatasync`ed before the progress record claims what was written.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_core::chunking::{ChunkParams, Chunker};
+use flotilla_core::ids::ChunkId;
+use flotilla_core::index::ChunkIndex;
+use flotilla_core::object::{self, ObjectError};
+
+use crate::client::{ClientError, Coordinator};
+use crate::crash;
+use crate::journal::{self, ByteSources, Progress};
+use crate::slot::{SlotName, Slots};
+
+/// Checkpoint the progress record after this many bytes written…
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// …or this much time, whichever comes first (update_engine-style checkpointing).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+/// First retry delay of a chunk fetch.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// Why writing the slot failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// I/O on a slot.
+    #[error("slot {slot}: {source}")]
+    Io {
+        /// The slot.
+        slot: SlotName,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A chunk kept failing verification.
+    #[error("chunk {id} failed verification {attempts} times ({source}); the content store serves bad data")]
+    BadChunk {
+        /// The chunk.
+        id: ChunkId,
+        /// Attempts made.
+        attempts: u32,
+        /// The last verification error.
+        source: ObjectError,
+    },
+    /// A chunk could not be fetched.
+    #[error("chunk {id} could not be fetched after {attempts} attempts: {source}")]
+    Unavailable {
+        /// The chunk.
+        id: ChunkId,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        source: ClientError,
+    },
+    /// A chunk is missing from a local export.
+    #[error("chunk {id} is missing or unreadable in the export: {source}")]
+    ExportChunk {
+        /// The chunk.
+        id: ChunkId,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Re-chunking the active slot failed.
+    #[error("re-chunking the active slot: {0}")]
+    Rechunk(String),
+    /// A worker task stopped (a bug).
+    #[error("a download task stopped unexpectedly: {0}")]
+    Task(String),
+}
+
+impl WriteError {
+    /// Whether a later retry (next poll) can succeed without anything changing on the device.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { source, .. } if source.is_transient())
+    }
+}
+
+/// Where missing chunks come from.
+#[derive(Debug, Clone)]
+pub enum ChunkSource {
+    /// A coordinator (or the CDN its content URLs redirect to).
+    Coordinator(Coordinator),
+    /// A `flotilla export` directory (`chunks/ab/<id>`).
+    Export(PathBuf),
+}
+
+impl ChunkSource {
+    async fn fetch(&self, id: &ChunkId, len: u32) -> Result<Vec<u8>, FetchError> {
+        let limit = object::max_object_len(len);
+        match self {
+            Self::Coordinator(c) => c.get_bounded(&format!("/v1/chunks/{id}"), limit).await.map_err(FetchError::Client),
+            Self::Export(dir) => {
+                let hex = id.to_hex();
+                let path = dir.join("chunks").join(&hex[..2]).join(&hex);
+                let meta = std::fs::metadata(&path).map_err(FetchError::Export)?;
+                if meta.len() > limit {
+                    return Ok(vec![0u8; 0]); // fails decoding as Empty; an oversized file is bad data
+                }
+                std::fs::read(&path).map_err(FetchError::Export)
+            }
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Coordinator(_) => "cdn",
+            Self::Export(_) => "file",
+        }
+    }
+}
+
+enum FetchError {
+    Client(ClientError),
+    Export(std::io::Error),
+}
+
+/// A simple average-rate cap shared by all downloads.
+#[derive(Debug)]
+struct RateCap {
+    started: Instant,
+    rate: u64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl RateCap {
+    async fn take(&self, n: u64) {
+        let total = self.bytes.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n;
+        let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}
+
+/// What to write and how.
+#[derive(Debug)]
+pub struct WritePlan<'a> {
+    /// The slots.
+    pub slots: &'a Slots,
+    /// The slot to write.
+    pub target: SlotName,
+    /// The new image's index.
+    pub index: &'a ChunkIndex,
+    /// The active slot and its index, when known; else the active slot is re-chunked.
+    pub active: Option<(SlotName, Option<ChunkIndex>)>,
+    /// Missing chunks come from here.
+    pub source: ChunkSource,
+    /// The progress record.
+    pub progress_path: PathBuf,
+    /// The download log.
+    pub downloads_log: PathBuf,
+    /// Requests in flight.
+    pub parallel: usize,
+    /// Attempts per chunk.
+    pub attempts: u32,
+    /// Bandwidth cap, bytes per second.
+    pub max_rate: Option<u64>,
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1 << attempt.min(16)).min(BACKOFF_CAP);
+    let mut r = [0u8; 2];
+    let _ = getrandom::fill(&mut r);
+    // Full jitter over the upper half, so retries of many devices spread out.
+    exp / 2 + exp.mul_f64(f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX) / 2.0)
+}
+
+/// Where each chunk of the new image goes: id → (entry numbers, offsets), in image order.
+struct Placement {
+    order: Vec<ChunkId>,
+    places: HashMap<ChunkId, (u32, Vec<(usize, u64)>)>,
+}
+
+fn placement(index: &ChunkIndex, bits: &[u8]) -> Placement {
+    let mut order = Vec::new();
+    let mut places: HashMap<ChunkId, (u32, Vec<(usize, u64)>)> = HashMap::new();
+    for (i, (offset, e)) in index.iter_with_offsets().enumerate() {
+        if journal::is_done(bits, i) {
+            continue;
+        }
+        let slot = places.entry(e.id).or_insert_with(|| {
+            order.push(e.id);
+            (e.len, Vec::new())
+        });
+        slot.1.push((i, offset));
+    }
+    Placement { order, places }
+}
+
+fn write_all_places(file: &File, data: &[u8], places: &[(usize, u64)]) -> std::io::Result<()> {
+    for (_, offset) in places {
+        file.write_all_at(data, *offset)?;
+    }
+    Ok(())
+}
+
+/// Finds where the active slot holds each chunk id: from its kept index, else by re-chunking
+/// it with `params` (bounded memory: the chunker streams).
+fn active_map(
+    slots: &Slots,
+    active: SlotName,
+    kept: Option<ChunkIndex>,
+    params: ChunkParams,
+) -> Result<HashMap<ChunkId, (u64, u32)>, WriteError> {
+    let index = match kept {
+        Some(i) => i,
+        None => {
+            let Some(f) = slots.open_for_read(active) else { return Ok(HashMap::new()) };
+            if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+                return Ok(HashMap::new());
+            }
+            Chunker::new(params)
+                .workers(std::num::NonZeroUsize::MIN)
+                .chunk_reader(std::io::BufReader::with_capacity(crate::slot::READ_BUF, f))
+                .map_err(|e| WriteError::Rechunk(e.to_string()))?
+                .index
+        }
+    };
+    let mut map = HashMap::new();
+    for (offset, e) in index.iter_with_offsets() {
+        map.entry(e.id).or_insert((offset, e.len));
+    }
+    Ok(map)
+}
+
+/// Writes the target slot; returns the bytes by source of this run plus earlier runs.
+///
+/// # Errors
+/// [`WriteError`]; progress made so far stays recorded.
+pub async fn write_slot(plan: WritePlan<'_>) -> Result<ByteSources, WriteError> {
+    let target = plan.target;
+    let io = move |source| WriteError::Io { slot: target, source };
+    let index_id = plan.index.id();
+    let file = Arc::new(plan.slots.open_for_write(target, plan.index.image_size()).map_err(|e| match e {
+        crate::slot::SlotError::Io { source, .. } => io(source),
+        other => WriteError::Io { slot: target, source: std::io::Error::other(other.to_string()) },
+    })?);
+    let resumed = Progress::load(&plan.progress_path, index_id, target);
+    let is_resume = resumed.is_some();
+    let mut progress = resumed.unwrap_or_else(|| Progress::new(index_id, target, plan.index.len()));
+    let mut bits = progress.bits();
+    if !is_resume {
+        let _ = std::fs::remove_file(&plan.downloads_log);
+        progress.save(&plan.progress_path, &bits).map_err(io)?;
+    }
+    let mut todo = placement(plan.index, &bits);
+
+    // 1. A resumed install: chunks written after the last checkpoint are found in place.
+    if is_resume && !todo.order.is_empty() {
+        let (f, order, places) = (file.clone(), todo.order.clone(), todo.places.clone());
+        let found: Vec<(usize, ChunkId)> = tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            let mut buf = Vec::new();
+            for id in order {
+                let (len, at) = &places[&id];
+                buf.resize(*len as usize, 0);
+                for (i, offset) in at {
+                    if f.read_exact_at(&mut buf, *offset).is_ok() && ChunkId::of(&buf) == id {
+                        found.push((*i, id));
+                    }
+                }
+            }
+            found
+        })
+        .await
+        .map_err(|e| WriteError::Task(e.to_string()))?;
+        for (i, _) in &found {
+            journal::set_done(&mut bits, *i);
+        }
+        tracing::info!(chunks = found.len(), "resumed: chunks already in the target slot");
+        todo = placement(plan.index, &bits);
+    }
+
+    // 2. Reuse from the active slot.
+    if let Some((active, kept)) = plan.active
+        && !todo.order.is_empty()
+    {
+        let slots = plan.slots.clone();
+        let params = plan.index.params();
+        let map = tokio::task::spawn_blocking(move || active_map(&slots, active, kept, params))
+            .await
+            .map_err(|e| WriteError::Task(e.to_string()))??;
+        let wanted: Vec<(ChunkId, (u64, u32))> =
+            todo.order.iter().filter_map(|id| map.get(id).map(|at| (*id, *at))).collect();
+        if !wanted.is_empty() {
+            let (f, src, places) = (file.clone(), plan.slots.open_for_read(active), todo.places.clone());
+            let reused: Vec<(ChunkId, u64)> = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                let Some(src) = src else { return Ok(Vec::new()) };
+                let mut out = Vec::new();
+                let mut buf = Vec::new();
+                for (id, (offset, len)) in wanted {
+                    buf.resize(len as usize, 0);
+                    // The active slot is read like any source: a chunk that does not hash
+                    // to its id (a damaged or modified slot) is fetched instead.
+                    if src.read_exact_at(&mut buf, offset).is_err() || ChunkId::of(&buf) != id {
+                        continue;
+                    }
+                    let at = &places[&id].1;
+                    write_all_places(&f, &buf, at)?;
+                    out.push((id, u64::from(len) * at.len() as u64));
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| WriteError::Task(e.to_string()))?
+            .map_err(io)?;
+            for (id, bytes) in &reused {
+                for (i, _) in &todo.places[id].1 {
+                    journal::set_done(&mut bits, *i);
+                }
+                progress.bytes.local += bytes;
+            }
+            tracing::info!(chunks = reused.len(), bytes = progress.bytes.local, "reused from the active slot");
+            let f = file.clone();
+            tokio::task::spawn_blocking(move || f.sync_data())
+                .await
+                .map_err(|e| WriteError::Task(e.to_string()))?
+                .map_err(io)?;
+            progress.save(&plan.progress_path, &bits).map_err(io)?;
+            todo = placement(plan.index, &bits);
+        }
+    }
+
+    // 3. Fetch the rest.
+    let cap = plan.max_rate.map(|rate| Arc::new(RateCap { started: Instant::now(), rate, bytes: 0.into() }));
+    let sem = Arc::new(tokio::sync::Semaphore::new(plan.parallel.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut since_checkpoint = 0u64;
+    let mut last_checkpoint = Instant::now();
+    let label = plan.source.label();
+    let mut pending = todo.order.into_iter();
+    let mut outcome: Result<(), WriteError> = Ok(());
+    loop {
+        // Keep `parallel` fetches in flight without spawning one task per chunk up front.
+        while outcome.is_ok() && tasks.len() < plan.parallel.max(1) * 2 {
+            let Some(id) = pending.next() else { break };
+            let (len, places) = todo.places[&id].clone();
+            let (source, file, cap, sem, log) =
+                (plan.source.clone(), file.clone(), cap.clone(), sem.clone(), plan.downloads_log.clone());
+            let attempts = plan.attempts;
+            tasks.spawn(async move {
+                let _permit = sem.acquire_owned().await.map_err(|e| WriteError::Task(e.to_string()))?;
+                if let Some(cap) = &cap {
+                    cap.take(u64::from(len)).await;
+                }
+                let data = fetch_verified(&source, &id, len, attempts).await?;
+                crash::point("chunk-fetched");
+                let write_places = places.clone();
+                tokio::task::spawn_blocking(move || write_all_places(&file, &data, &write_places))
+                    .await
+                    .map_err(|e| WriteError::Task(e.to_string()))?
+                    .map_err(|source| WriteError::Io { slot: target, source })?;
+                journal::log_download(&log, &id, source.label());
+                crash::point("chunk-written");
+                Ok::<_, WriteError>((len, places))
+            });
+        }
+        let Some(joined) = tasks.join_next().await else { break };
+        match joined.map_err(|e| WriteError::Task(e.to_string())).and_then(|r| r) {
+            Ok((len, places)) => {
+                for (i, _) in &places {
+                    journal::set_done(&mut bits, *i);
+                }
+                let fetched = u64::from(len);
+                let copies = fetched * (places.len() as u64 - 1);
+                match label {
+                    "file" => progress.bytes.file += fetched,
+                    _ => progress.bytes.cdn += fetched,
+                }
+                progress.bytes.local += copies;
+                since_checkpoint += fetched + copies;
+                if since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                    let f = file.clone();
+                    tokio::task::spawn_blocking(move || f.sync_data())
+                        .await
+                        .map_err(|e| WriteError::Task(e.to_string()))?
+                        .map_err(io)?;
+                    progress.save(&plan.progress_path, &bits).map_err(io)?;
+                    since_checkpoint = 0;
+                    last_checkpoint = Instant::now();
+                }
+            }
+            Err(e) => {
+                if outcome.is_ok() {
+                    outcome = Err(e);
+                }
+            }
+        }
+    }
+    // Whatever happened, what was written and verified is synced and recorded.
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || f.sync_data())
+        .await
+        .map_err(|e| WriteError::Task(e.to_string()))?
+        .map_err(io)?;
+    progress.save(&plan.progress_path, &bits).map_err(io)?;
+    outcome?;
+    Ok(progress.bytes)
+}
+
+async fn fetch_verified(source: &ChunkSource, id: &ChunkId, len: u32, attempts: u32) -> Result<Vec<u8>, WriteError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let last: Result<Vec<u8>, WriteError> = match source.fetch(id, len).await {
+            Ok(obj) => {
+                let id2 = *id;
+                match tokio::task::spawn_blocking(move || object::decode(&obj, &id2, len))
+                    .await
+                    .map_err(|e| WriteError::Task(e.to_string()))?
+                {
+                    Ok(data) => return Ok(data),
+                    Err(source) => {
+                        tracing::warn!(chunk = %id, attempt, error = %source, "chunk failed verification; dropped");
+                        Err(WriteError::BadChunk { id: *id, attempts: attempt, source })
+                    }
+                }
+            }
+            Err(FetchError::Client(source)) => {
+                let transient = source.is_transient();
+                let e = WriteError::Unavailable { id: *id, attempts: attempt, source };
+                if !transient {
+                    return Err(e);
+                }
+                tracing::warn!(chunk = %id, attempt, error = %e, "chunk fetch failed; retrying");
+                Err(e)
+            }
+            Err(FetchError::Export(source)) => return Err(WriteError::ExportChunk { id: *id, source }),
+        };
+        if attempt >= attempts {
+            return last;
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+    }
+}
+
+/// Reads a kept index file, if it decodes.
+pub fn read_kept_index(path: &Path) -> Option<ChunkIndex> {
+    std::fs::read(path).ok().and_then(|b| ChunkIndex::decode(&b).ok())
+}

@@ -1,0 +1,293 @@
+//! The two A/B slots: where an image is written, read back and (for bundles) unpacked.
+//!
+//! - `file`: two image files; a raw image is written to the file as is.
+//! - `dir`: app bundles. The image (a deterministic tar) is written to `<root>/a.tar` or
+//!   `<root>/b.tar`, verified there, then unpacked with core's safe unpacker into `<root>/a/`
+//!   or `<root>/b/`; `<root>/current` is the symlink an app loads its bundle through.
+//! - `block` (partitions) is not built yet: it needs `O_DIRECT` reads and partition discovery.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+
+use flotilla_core::archive::{self, UnpackLimits};
+use flotilla_core::ids::Sha256Digest;
+use flotilla_core::manifest::PayloadKind;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::config::SlotsConfig;
+use crate::durable::fsync_dir;
+
+/// Bytes read per step when hashing or re-chunking a slot.
+pub const READ_BUF: usize = 1 << 20;
+
+/// Slot errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SlotError {
+    /// I/O on a slot.
+    #[error("slot {slot}: {path}: {source}")]
+    Io {
+        /// The slot.
+        slot: SlotName,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The bundle archive did not unpack.
+    #[error("slot {slot}: unpacking the bundle: {source}")]
+    Unpack {
+        /// The slot.
+        slot: SlotName,
+        /// The cause.
+        source: archive::ArchiveError,
+    },
+    /// The slot's payload kind does not fit the slot type.
+    #[error("a {kind:?} payload cannot be installed into {slots} slots")]
+    WrongKind {
+        /// The payload kind.
+        kind: PayloadKind,
+        /// The slot type.
+        slots: &'static str,
+    },
+}
+
+/// One of the two slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SlotName {
+    /// Slot A.
+    A,
+    /// Slot B.
+    B,
+}
+
+impl SlotName {
+    /// The other slot.
+    pub fn other(self) -> Self {
+        match self {
+            Self::A => Self::B,
+            Self::B => Self::A,
+        }
+    }
+
+    /// `A` or `B` (bootloader variable spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::A => "A",
+            Self::B => "B",
+        }
+    }
+
+    /// `a` or `b` (file names).
+    pub fn lower(self) -> &'static str {
+        match self {
+            Self::A => "a",
+            Self::B => "b",
+        }
+    }
+
+    /// Parses `A`/`B` (any case).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "A" | "a" => Some(Self::A),
+            "B" | "b" => Some(Self::B),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SlotName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The configured slots.
+#[derive(Debug, Clone)]
+pub enum Slots {
+    /// Two image files.
+    File {
+        /// Slot A.
+        a: PathBuf,
+        /// Slot B.
+        b: PathBuf,
+    },
+    /// Bundle directories under a root.
+    Dir {
+        /// The root.
+        root: PathBuf,
+    },
+}
+
+impl Slots {
+    /// From the config.
+    pub fn from_config(c: &SlotsConfig) -> Self {
+        match c {
+            SlotsConfig::File { a, b } => Self::File { a: a.clone(), b: b.clone() },
+            SlotsConfig::Dir { root } => Self::Dir { root: root.clone() },
+        }
+    }
+
+    /// `file` or `dir`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::File { .. } => "file",
+            Self::Dir { .. } => "dir",
+        }
+    }
+
+    /// The file an image is written to and verified in.
+    pub fn image_path(&self, slot: SlotName) -> PathBuf {
+        match (self, slot) {
+            (Self::File { a, .. }, SlotName::A) => a.clone(),
+            (Self::File { b, .. }, SlotName::B) => b.clone(),
+            (Self::Dir { root }, s) => root.join(format!("{}.tar", s.lower())),
+        }
+    }
+
+    /// The unpacked bundle of a `dir` slot.
+    pub fn bundle_dir(&self, slot: SlotName) -> Option<PathBuf> {
+        match self {
+            Self::Dir { root } => Some(root.join(slot.lower())),
+            Self::File { .. } => None,
+        }
+    }
+
+    /// The pointer an app loads its bundle through (`dir` slots).
+    pub fn current_link(&self) -> Option<PathBuf> {
+        match self {
+            Self::Dir { root } => Some(root.join("current")),
+            Self::File { .. } => None,
+        }
+    }
+
+    /// Refuses payloads the slot type cannot take.
+    ///
+    /// # Errors
+    /// [`SlotError::WrongKind`].
+    pub fn check_kind(&self, kind: PayloadKind) -> Result<(), SlotError> {
+        match (self, kind) {
+            (Self::Dir { .. }, PayloadKind::Raw) => Err(SlotError::WrongKind { kind, slots: "dir" }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Opens a slot's image for writing at offsets, sized to `size`. Existing bytes are kept
+    /// (a resumed install finds what it wrote before).
+    ///
+    /// # Errors
+    /// I/O.
+    pub fn open_for_write(&self, slot: SlotName, size: u64) -> Result<File, SlotError> {
+        let path = self.image_path(slot);
+        let io = |source| SlotError::Io { slot, path: path.clone(), source };
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io)?;
+        }
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        if f.metadata().map_err(io)?.len() != size {
+            f.set_len(size).map_err(io)?;
+        }
+        Ok(f)
+    }
+
+    /// Opens a slot's image for reading, if it exists.
+    pub fn open_for_read(&self, slot: SlotName) -> Option<File> {
+        File::open(self.image_path(slot)).ok()
+    }
+
+    /// SHA-256 of the first `size` bytes of a slot, read back from the file.
+    ///
+    /// # Errors
+    /// I/O, including a slot shorter than `size`.
+    pub fn hash_image(&self, slot: SlotName, size: u64) -> Result<Sha256Digest, SlotError> {
+        let path = self.image_path(slot);
+        let io = |source| SlotError::Io { slot, path: path.clone(), source };
+        let f = File::open(&path).map_err(io)?;
+        let mut reader = f.take(size);
+        let mut sha = sha2::Sha256::new();
+        let mut buf = vec![0u8; READ_BUF];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            sha.update(&buf[..n]);
+            total += n as u64;
+        }
+        if total != size {
+            return Err(io(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{total} of {size} bytes"))));
+        }
+        Ok(Sha256Digest::from_bytes(sha.finalize().into()))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of a slot's image.
+    ///
+    /// # Errors
+    /// I/O.
+    pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        file.read_exact_at(buf, offset)
+    }
+
+    /// Makes a verified image usable: unpacks a bundle (`dir`), syncing it before the
+    /// directory is renamed into place. Nothing to do for `file` slots.
+    ///
+    /// # Errors
+    /// I/O or an archive the safe unpacker refuses.
+    pub fn finalize(&self, slot: SlotName) -> Result<(), SlotError> {
+        let Self::Dir { root } = self else { return Ok(()) };
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SlotError::Io { slot, path, source }
+        };
+        let staging = root.join(format!("{}.unpacking", slot.lower()));
+        let dest = root.join(slot.lower());
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        }
+        let tar = self.image_path(slot);
+        let f = File::open(&tar).map_err(io(&tar))?;
+        archive::unpack(io::BufReader::new(f), &staging, UnpackLimits::default())
+            .map_err(|source| SlotError::Unpack { slot, source })?;
+        sync_tree(&staging).map_err(io(&staging))?;
+        if dest.exists() {
+            fs::remove_dir_all(&dest).map_err(io(&dest))?;
+        }
+        fs::rename(&staging, &dest).map_err(io(&dest))?;
+        fsync_dir(root).map_err(io(root))?;
+        Ok(())
+    }
+}
+
+/// Fsyncs every file and directory under `dir` (bottom-up is not needed: each is synced).
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if ft.is_file() {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    fsync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_slot_write_and_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = Slots::File { a: dir.path().join("a"), b: dir.path().join("b") };
+        let f = slots.open_for_write(SlotName::B, 5).unwrap();
+        f.write_all_at(b"hello", 0).unwrap();
+        assert_eq!(slots.hash_image(SlotName::B, 5).unwrap(), Sha256Digest::of(b"hello"));
+        assert!(slots.hash_image(SlotName::B, 6).is_err());
+        assert_eq!(SlotName::A.other(), SlotName::B);
+    }
+}
