@@ -12,7 +12,7 @@
 //! - [`config`]: settings and their defaults (zero configuration: SQLite + files in
 //!   `./flotilla-data`).
 //! - [`db`]: one code path for SQLite and PostgreSQL, embedded migrations.
-//! - [`storage`]: object storage (filesystem; S3 to come).
+//! - [`storage`]: object storage (filesystem, or an S3-compatible bucket).
 //! - [`auth`]: hashed bearer tokens with device, publish and admin scopes.
 //! - [`api`]: the `/v1` HTTP API.
 //! - [`rollout`]: stage plans, operator actions, audit log, the evaluator.

@@ -76,7 +76,11 @@ pub async fn build_state(config: Config) -> Result<AppState, StartError> {
         StorageConfig::Fs => {
             Storage::Fs(FsStore::new(config.data_dir.join("objects")).map_err(io("creating object dir"))?)
         }
-        StorageConfig::S3(s3) => Storage::S3(S3Store::new(s3).map_err(|e| StartError::Config(e.to_string()))?),
+        StorageConfig::S3(s3) => {
+            let store = S3Store::new(s3).map_err(|e| StartError::Config(e.to_string()))?;
+            store.check().await.map_err(|e| StartError::Config(e.to_string()))?;
+            Storage::S3(store)
+        }
     };
     let db = Db::connect(&config.database_url(), config.max_connections).await?;
     let rollout_key = load_rollout_key(&config)?;

@@ -143,6 +143,40 @@ pub enum S3SetupError {
         "S3 storage needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (storage.access_key_id, storage.secret_access_key)"
     )]
     MissingCredentials,
+    /// The store refused the credentials (HTTP 401/403 on the bucket).
+    #[error(
+        "S3 refused access to bucket {bucket:?} at {endpoint} (HTTP {status}): check AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY, and that the key may s3:ListBucket, s3:GetObject and s3:PutObject on the bucket"
+    )]
+    AccessDenied {
+        /// The bucket.
+        bucket: String,
+        /// The endpoint asked.
+        endpoint: String,
+        /// HTTP status answered.
+        status: u16,
+    },
+    /// The bucket does not exist.
+    #[error(
+        "S3 bucket {bucket:?} does not exist at {endpoint}; create it first (the coordinator never creates buckets)"
+    )]
+    NoSuchBucket {
+        /// The bucket.
+        bucket: String,
+        /// The endpoint asked.
+        endpoint: String,
+    },
+    /// The store could not be asked (connection refused, TLS, timeout, unexpected answer).
+    #[error("S3 bucket {bucket:?} at {endpoint} cannot be reached: {source}")]
+    Unreachable {
+        /// The bucket.
+        bucket: String,
+        /// The endpoint asked.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Objects in an S3-compatible bucket (AWS S3, MinIO, Garage, R2, s3s…), signed with static
@@ -151,6 +185,8 @@ pub enum S3SetupError {
 pub struct S3Store {
     client: aws_sdk_s3::Client,
     bucket: String,
+    /// For messages: the configured endpoint, or "AWS S3 (<region>)".
+    endpoint: String,
     /// Empty, or ends with `/`.
     prefix: String,
 }
@@ -201,8 +237,29 @@ impl S3Store {
         Ok(Self {
             client: aws_sdk_s3::Client::from_conf(builder.build()),
             bucket: config.bucket.clone(),
+            endpoint: config.endpoint.clone().unwrap_or_else(|| format!("AWS S3 ({})", config.region())),
             prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
         })
+    }
+
+    /// Asks the store whether the bucket exists and the credentials are accepted (one
+    /// HeadBucket request), so a misconfiguration stops start-up with a message that names
+    /// it instead of failing every upload later.
+    ///
+    /// # Errors
+    /// [`S3SetupError::AccessDenied`], [`S3SetupError::NoSuchBucket`] or
+    /// [`S3SetupError::Unreachable`].
+    pub async fn check(&self) -> Result<(), S3SetupError> {
+        let (bucket, endpoint) = (self.bucket.clone(), self.endpoint.clone());
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            // HEAD answers have no body, so the status is all there is to go on.
+            Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+                Some(status @ (401 | 403)) => Err(S3SetupError::AccessDenied { bucket, endpoint, status }),
+                Some(404) => Err(S3SetupError::NoSuchBucket { bucket, endpoint }),
+                _ => Err(S3SetupError::Unreachable { bucket, endpoint, source: s3_error(e) }),
+            },
+        }
     }
 
     /// The SDK client, for what the store itself does not do (creating a bucket in a test).

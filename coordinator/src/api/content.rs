@@ -61,24 +61,37 @@ async fn serve(
         })?),
         None => None,
     };
-    let Some(obj) = state.store.get(&key, range.map(|(s, e)| (s, e.map_or(u64::MAX, |e| e + 1)))).await? else {
+    // HEAD asks the store for the size only (an empty range), not for the bytes.
+    let wanted =
+        if method == Method::HEAD { Some((0, 0)) } else { range.map(|(s, e)| (s, e.map_or(u64::MAX, |e| e + 1))) };
+    let Some(obj) = state.store.get(&key, wanted).await? else {
         return Err(ApiError::not_found(format!("no {} {id} is stored", kind.as_str())));
+    };
+    // Length of what a GET sends: the range clamped to the object, or all of it.
+    let len = match range {
+        Some((start, end)) => end.map_or(obj.total, |e| e.saturating_add(1).min(obj.total)).saturating_sub(start),
+        None => obj.total,
     };
     let common = [
         (header::ETAG, etag),
         (header::CACHE_CONTROL, "public, max-age=31536000, immutable".to_owned()),
         (header::ACCEPT_RANGES, "bytes".to_owned()),
         (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+        // Set explicitly so that HEAD, whose body is empty, reports the size.
+        (header::CONTENT_LENGTH, len.to_string()),
     ];
-    let len = obj.bytes.len();
-    state.metrics.bytes_served.fetch_add(len as u64, Ordering::Relaxed);
-    let body = if method == Method::HEAD { Body::empty() } else { Body::from(obj.bytes) };
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        state.metrics.bytes_served.fetch_add(obj.bytes.len() as u64, Ordering::Relaxed);
+        Body::from(obj.bytes)
+    };
     Ok(match range {
         Some((start, _)) => {
             if start >= obj.total {
                 return Err(ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", "range starts past the end"));
             }
-            let end = start + len as u64 - 1;
+            let end = start + len - 1;
             let content_range = format!("bytes {start}-{end}/{}", obj.total);
             (StatusCode::PARTIAL_CONTENT, common, [(header::CONTENT_RANGE, content_range)], body).into_response()
         }

@@ -8,6 +8,7 @@ mod bad_input;
 mod binary;
 mod flow;
 mod rollouts;
+mod s3;
 
 /// Runs an `async fn(Engine)` test on both engines.
 #[macro_export]
