@@ -341,7 +341,12 @@ impl Agent {
     }
 
     fn event(&self, kind: EventKind, release: Option<&Release>, bytes: ByteSources, detail: Option<String>) {
-        if let Err(e) = self.queue.push(kind, release, bytes, detail) {
+        let ids = (release.and_then(|r| r.release_id), release.map(|r| r.version_code));
+        self.push_event(kind, ids, bytes, detail);
+    }
+
+    fn push_event(&self, kind: EventKind, ids: (Option<i64>, Option<u64>), bytes: ByteSources, detail: Option<String>) {
+        if let Err(e) = self.queue.push(kind, ids, bytes, detail) {
             tracing::error!(error = %e, "cannot queue an event");
         }
     }
@@ -547,9 +552,10 @@ impl Agent {
         result
     }
 
-    fn refuse(&self, j: &mut Journal, release: Option<&Release>, e: AgentError) -> AgentError {
+    fn refuse(&self, j: &mut Journal, release_id: Option<i64>, e: AgentError) -> AgentError {
         tracing::error!(error = %e, "release refused");
-        self.event(EventKind::Failed, release, ByteSources::default(), Some(e.to_string()));
+        // The release id comes from the offer (unverified): it only files the report.
+        self.push_event(EventKind::Failed, (release_id, None), ByteSources::default(), Some(e.to_string()));
         j.last_error = Some(e.to_string());
         if let Err(save) = j.save(&self.paths.journal()) {
             tracing::error!(error = %save, "cannot record the refusal");
@@ -603,20 +609,20 @@ impl Agent {
         // Verify everything before fetching anything.
         let m = match self.verify(j, &src) {
             Ok(m) => m,
-            Err(e) => return Err(self.refuse(j, None, e)),
+            Err(e) => return Err(self.refuse(j, src.release_id, e)),
         };
         let release = Release::of(&m, src.release_id);
         if let Err(e) = self.slots.check_kind(release.kind) {
-            return Err(self.refuse(j, Some(&release), e.into()));
+            return Err(self.refuse(j, src.release_id, e.into()));
         }
         let index_bytes = match src.index.fetch(m.manifest().index.size).await {
             Ok(b) => b,
             Err(e) if matches!(&e, AgentError::Client(c) if c.is_transient()) => return Err(e),
-            Err(e) => return Err(self.refuse(j, Some(&release), e)),
+            Err(e) => return Err(self.refuse(j, src.release_id, e)),
         };
         let index = match m.check_index(&index_bytes) {
             Ok(i) => i,
-            Err(e) => return Err(self.refuse(j, Some(&release), e.into())),
+            Err(e) => return Err(self.refuse(j, src.release_id, e.into())),
         };
 
         let slot = j.active.other();

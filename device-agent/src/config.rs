@@ -413,6 +413,13 @@ mod tests {
     }
 
     #[test]
+    fn deploy_example_parses() {
+        let c = Config::from_toml(include_str!("../../deploy/agent.toml")).unwrap();
+        assert_eq!(c.bootloader.kind, BootloaderKind::Uboot);
+        assert_eq!(c.health.checks.len(), 2);
+    }
+
+    #[test]
     fn env_file_needs_a_path() {
         let e = Config::from_toml(
             "product = \"p\"\ntrust_root = \"/r\"\n[slots]\nkind = \"file\"\na = \"/a\"\nb = \"/b\"\n",

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crash;
 use crate::durable::{fsync_dir, write_atomic};
-use crate::journal::{ByteSources, Release};
+use crate::journal::ByteSources;
 
 /// Most events per request (the coordinator accepts 1000).
 pub const BATCH: usize = 200;
@@ -98,14 +98,14 @@ impl EventQueue {
         Self { dir: dir.to_path_buf() }
     }
 
-    /// Queues an event durably and logs it on the `flotilla::events::install` target.
+    /// Queues an event (for a release id and version_code, when known) durably and logs it on the `flotilla::events::install` target.
     ///
     /// # Errors
     /// I/O.
     pub fn push(
         &self,
         kind: EventKind,
-        release: Option<&Release>,
+        release: (Option<i64>, Option<u64>),
         bytes: ByteSources,
         detail: Option<String>,
     ) -> std::io::Result<Event> {
@@ -122,8 +122,8 @@ impl EventQueue {
         let event = Event {
             id: unique_id(),
             kind,
-            release_id: release.and_then(|r| r.release_id),
-            version_code: release.map(|r| r.version_code),
+            release_id: release.0,
+            version_code: release.1,
             bytes: bytes.into(),
             detail,
         };
@@ -192,8 +192,8 @@ mod tests {
     fn queue_orders_and_removes() {
         let dir = tempfile::tempdir().unwrap();
         let q = EventQueue::new(&dir.path().join("events"));
-        let a = q.push(EventKind::Downloading, None, ByteSources::default(), None).unwrap();
-        let b = q.push(EventKind::Failed, None, ByteSources::default(), Some("x".repeat(5000))).unwrap();
+        let a = q.push(EventKind::Downloading, (None, None), ByteSources::default(), None).unwrap();
+        let b = q.push(EventKind::Failed, (None, None), ByteSources::default(), Some("x".repeat(5000))).unwrap();
         assert_ne!(a.id, b.id);
         let p = q.pending();
         assert_eq!(p.len(), 2);

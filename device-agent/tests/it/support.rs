@@ -52,7 +52,6 @@ pub(crate) fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() ->
 /// A running coordinator process.
 pub(crate) struct Coordinator {
     pub(crate) url: String,
-    #[allow(dead_code)]
     pub(crate) data: tempfile::TempDir,
     child: Child,
 }
@@ -91,7 +90,6 @@ impl Coordinator {
     }
 
     /// The stored object file of a chunk or index (`chunks` or `indexes`).
-    #[allow(dead_code)]
     pub(crate) fn object_path(&self, kind: &str, id: &str) -> PathBuf {
         self.data.path().join("objects").join(kind).join(&id[..2]).join(id)
     }
@@ -149,6 +147,25 @@ impl Publisher {
         p
     }
 
+    /// Keys and a trust root only (no product): a publisher the devices do not know.
+    pub(crate) fn new_root_only(coord: &Coordinator) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = Self { url: coord.url.clone(), dir, api_key: String::new() };
+        for name in ["root", "release"] {
+            run_ok(p.cli(ADMIN).args(["keys", "generate", "--out"]).arg(p.path(&format!("{name}.pem"))));
+        }
+        run_ok(
+            p.cli(ADMIN)
+                .args(["root", "init", "--root-key"])
+                .arg(p.path("root.pem"))
+                .arg("--release-key")
+                .arg(p.path("release.pem"))
+                .arg("--out")
+                .arg(p.path("root.json")),
+        );
+        p
+    }
+
     pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -170,10 +187,26 @@ impl Publisher {
                 .arg(payload)
                 .arg("--key")
                 .arg(self.path("release.pem"))
-                .args(["--rollout", "100"])
+                .args(if extra.contains(&"--rollout") { &[][..] } else { &["--rollout", "100"][..] })
                 .args(extra),
         );
         json_of(&out)
+    }
+
+    /// `PUT /v1/products/{product}/stages`: the product's staged-rollout plan.
+    pub(crate) fn set_stages(&self, stages: Value) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let status = rt.block_on(async {
+            reqwest::Client::new()
+                .put(format!("{}/v1/products/{PRODUCT}/stages", self.url))
+                .bearer_auth(&self.api_key)
+                .json(&serde_json::json!({ "stages": stages }))
+                .send()
+                .await
+                .expect("set stages")
+                .status()
+        });
+        assert!(status.is_success(), "setting the stage plan: {status}");
     }
 
     pub(crate) fn show(&self, id: i64) -> Value {
