@@ -133,6 +133,13 @@ impl Default for RateLimits {
 /// S3 refuses presigned (SigV4) URLs that are valid for longer than a week.
 pub const MAX_PRESIGN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Shortest evaluator lease accepted: lease times are stored in whole seconds.
+pub const MIN_EVALUATOR_LEASE: Duration = Duration::from_secs(2);
+
+/// Shortest lease derived from the interval when none is configured: leases compare each
+/// replica's own clock, and half a minute leaves room for clocks that drift apart.
+pub const DEFAULT_MIN_EVALUATOR_LEASE: Duration = Duration::from_secs(30);
+
 /// Coordinator settings. `Default` is the zero-configuration setup: SQLite and objects under
 /// `./flotilla-data`, listening on 127.0.0.1:8080.
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +173,12 @@ pub struct Config {
     /// How often the rollout evaluator runs.
     #[serde(with = "humantime_serde")]
     pub evaluator_interval: Duration,
+    /// How long the evaluator's lease lasts without renewal: when the replica holding it stops
+    /// or dies, another replica takes over evaluating after this long. Must be longer than
+    /// `evaluator_interval` (the holder renews it on each pass) and at least 2 s (lease times
+    /// are whole seconds). Unset: three evaluator intervals, and at least 30 s.
+    #[serde(with = "humantime_serde")]
+    pub evaluator_lease: Option<Duration>,
     /// How long a signed check response stays valid.
     #[serde(with = "humantime_serde")]
     pub check_response_ttl: Duration,
@@ -197,6 +210,7 @@ impl Default for Config {
             open_enrollment: false,
             admin_token: None,
             evaluator_interval: Duration::from_secs(30 * 60),
+            evaluator_lease: None,
             check_response_ttl: Duration::from_secs(24 * 3600),
             last_seen_flush: Duration::from_secs(5),
             cache_refresh: Duration::from_secs(10),
@@ -256,6 +270,13 @@ impl Config {
         if self.evaluator_interval.is_zero() || self.last_seen_flush.is_zero() || self.cache_refresh.is_zero() {
             return Err(ConfigError::Invalid("intervals must be positive".into()));
         }
+        if let Some(lease) = self.evaluator_lease
+            && (lease < MIN_EVALUATOR_LEASE || lease <= self.evaluator_interval)
+        {
+            return Err(ConfigError::Invalid(
+                "evaluator_lease must be at least 2 s and longer than evaluator_interval".into(),
+            ));
+        }
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
         }
@@ -274,6 +295,12 @@ impl Config {
             return Err(ConfigError::Invalid("presign_ttl must be between 1 s and 7 days".into()));
         }
         Ok(())
+    }
+
+    /// The evaluator's lease time: `evaluator_lease`, else three evaluator intervals and at
+    /// least [`DEFAULT_MIN_EVALUATOR_LEASE`].
+    pub fn evaluator_lease(&self) -> Duration {
+        self.evaluator_lease.unwrap_or_else(|| (self.evaluator_interval * 3).max(DEFAULT_MIN_EVALUATOR_LEASE))
     }
 
     /// The database URL: `DATABASE_URL` if set, else SQLite under the data directory.
@@ -334,6 +361,23 @@ mod tests {
         let StorageConfig::S3(s3) = &config.storage else { panic!("not s3: {:?}", config.storage) };
         assert_eq!((s3.bucket.as_str(), s3.prefix.as_str(), s3.region()), ("ota", "fleet-a", "us-east-1"));
         assert_eq!(config.presign_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn evaluator_lease_defaults_to_three_intervals_and_must_outlast_one() {
+        let default = Config::default();
+        assert_eq!(default.evaluator_lease(), default.evaluator_interval * 3);
+        let short = Config { evaluator_interval: Duration::from_secs(1), ..Config::default() };
+        assert_eq!(short.evaluator_lease(), DEFAULT_MIN_EVALUATOR_LEASE);
+        let set = Config { evaluator_lease: Some(Duration::from_secs(3)), ..short.clone() };
+        set.validate().expect("valid");
+        assert_eq!(set.evaluator_lease(), Duration::from_secs(3));
+        let config: Config = toml::from_str("evaluator_interval = \"1s\"\nevaluator_lease = \"3s\"\n").expect("parses");
+        assert_eq!(config.evaluator_lease, Some(Duration::from_secs(3)));
+        for lease in [Duration::from_secs(1), Duration::from_millis(1500)] {
+            let bad = Config { evaluator_lease: Some(lease), ..short.clone() };
+            assert!(matches!(bad.validate(), Err(ConfigError::Invalid(m)) if m.contains("evaluator_lease")));
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! conditional update that works the same on SQLite and PostgreSQL) and every state change is
 //! a conditional update on the state it read, so no action is applied twice.
 
+use std::sync::atomic::Ordering;
+
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 
@@ -270,12 +272,17 @@ pub struct Evaluation {
 /// # Errors
 /// Database errors.
 pub async fn evaluate(state: &AppState) -> ApiResult<Evaluation> {
-    let lease_ttl = (state.config.evaluator_interval.as_secs() as i64 * 3).max(30);
+    let lease = state.config.evaluator_lease();
+    let lease_ttl = i64::try_from(lease.as_secs()).unwrap_or(i64::MAX / 2).max(1);
     let mut out = Evaluation::default();
+    state.metrics.evaluator_runs.fetch_add(1, Ordering::Relaxed);
     if !take_lease(state, EVALUATOR_LEASE, lease_ttl).await? {
         return Ok(out);
     }
     out.leader = true;
+    state.metrics.evaluator_leader_runs.fetch_add(1, Ordering::Relaxed);
+    // The audit log names the replica that held the lease for each action it took.
+    let actor = format!("evaluator@{}", state.instance);
     let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM releases WHERE state = 'active' AND archived = 0")
         .fetch_all(&state.db.pool)
         .await?;
@@ -292,7 +299,7 @@ pub async fn evaluate(state: &AppState) -> ApiResult<Evaluation> {
                 rate * 100.0,
                 stage.max_failure_rate * 100.0
             );
-            match apply(state, "evaluator", id, Action::Pause(reason)).await {
+            match apply(state, &actor, id, Action::Pause(reason)).await {
                 Ok(_) => out.paused.push(id),
                 Err(e) if e.status == axum::http::StatusCode::CONFLICT => {}
                 Err(e) => return Err(e),
@@ -305,7 +312,7 @@ pub async fn evaluate(state: &AppState) -> ApiResult<Evaluation> {
             && elapsed >= stage.min_duration.as_secs() as i64
             && usize::try_from(cur.stage).unwrap_or(0) + 1 < cur.plan.stages.len()
         {
-            match apply(state, "evaluator", id, Action::Advance).await {
+            match apply(state, &actor, id, Action::Advance).await {
                 Ok(_) => out.advanced.push(id),
                 Err(e) if e.status == axum::http::StatusCode::CONFLICT => {}
                 Err(e) => return Err(e),

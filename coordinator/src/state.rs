@@ -177,6 +177,10 @@ pub struct Metrics {
     pub bytes_served: AtomicU64,
     /// Requests refused by rate limits.
     pub rate_limited: AtomicU64,
+    /// Rollout evaluator passes started on this replica.
+    pub evaluator_runs: AtomicU64,
+    /// Evaluator passes in which this replica held the lease and evaluated.
+    pub evaluator_leader_runs: AtomicU64,
     /// Check latency histogram counts (one per bucket, cumulative on render).
     pub check_latency: [AtomicU64; LATENCY_BUCKETS_MS.len()],
     /// Sum of check latencies in microseconds.
@@ -209,6 +213,12 @@ impl Metrics {
             ("flotilla_chunks_uploaded_total", "Chunk objects stored.", g(&self.chunks_uploaded)),
             ("flotilla_object_bytes_served_total", "Bytes served from the object store.", g(&self.bytes_served)),
             ("flotilla_rate_limited_total", "Requests refused by rate limits.", g(&self.rate_limited)),
+            ("flotilla_evaluator_runs_total", "Rollout evaluator passes started here.", g(&self.evaluator_runs)),
+            (
+                "flotilla_evaluator_leader_runs_total",
+                "Rollout evaluator passes that held the lease and evaluated.",
+                g(&self.evaluator_leader_runs),
+            ),
         ] {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
         }

@@ -54,6 +54,14 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// Stops serving and the background tasks (evaluator, refresh), keeping the data dir: a
+    /// replica going away while another uses the same database.
+    pub(crate) fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
 pub(crate) async fn start(engine: Engine) -> Server {
     start_with(engine, |_| {}).await
 }
@@ -291,4 +299,20 @@ pub(crate) async fn release(
     let (status, body) = server.publish(api_key, &m, keys, rollout).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     body["id"].as_i64().expect("id")
+}
+
+/// Polls `probe` until it returns `Some`, failing the test with `what` after `limit`.
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
