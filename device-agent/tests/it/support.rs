@@ -373,7 +373,6 @@ impl Device {
 }
 
 /// SHA-256 hex of bytes.
-#[allow(dead_code)]
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
     flotilla_core::ids::Sha256Digest::of(data).to_hex()
 }
