@@ -19,12 +19,14 @@ pub(crate) fn agent_bin() -> PathBuf {
 
 static BUILD: Mutex<bool> = Mutex::new(false);
 
-/// A workspace binary next to the agent's, built once if it is missing.
+/// A workspace binary next to the agent's (or, for benches built in release, the debug
+/// one), built once if it is missing.
 pub(crate) fn workspace_bin(name: &str) -> PathBuf {
     let dir = agent_bin().parent().expect("target dir").to_path_buf();
-    let path = dir.join(name);
+    let candidates = [dir.join(name), dir.join("../debug").join(name)];
+    let found = || candidates.iter().find(|p| p.exists()).cloned();
     let mut built = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() && !*built {
+    if found().is_none() && !*built {
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["build", "-p", "flotilla-coordinator", "-p", "flotilla-publisher"])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -33,8 +35,7 @@ pub(crate) fn workspace_bin(name: &str) -> PathBuf {
         assert!(status.success(), "building the coordinator and the CLI failed");
         *built = true;
     }
-    assert!(path.exists(), "{} is missing", path.display());
-    path
+    found().unwrap_or_else(|| panic!("{name} is missing next to {}", dir.display()))
 }
 
 /// Polls `f` until it returns `Some`, failing the test after `deadline`.
