@@ -139,5 +139,27 @@ fn power_cuts_at_random_points_always_leave_a_bootable_resumable_device() {
         assert_eq!(distinct.len(), fetched.len(), "{what}: a verified chunk was fetched twice: {fetched:?}");
     }
     eprintln!("power cuts: {crashed} of {trials} trials aborted mid-way, all recovered");
+
+    // And a real `kill -9` from outside, mid-download (downloads slowed by the bandwidth cap).
+    let slow = DeviceOptions { extra: "max_download_rate = 400000".into(), ..opts.clone() };
+    for trial in 0..10u64 {
+        let dev = Device { dir: tempfile::tempdir().unwrap(), kind: SlotKind::File };
+        copy_tree(golden.dir.path(), dev.dir.path());
+        dev.write_config(&coord.url, &slow);
+        let what = format!("kill -9 trial {trial}");
+        let mut child = dev.cmd(&["check-once"]).spawn().unwrap();
+        let k = 1 + rng.next(4) as usize;
+        wait_for("chunks to arrive", std::time::Duration::from_secs(30), || (dev.downloads().len() >= k).then_some(()));
+        child.kill().unwrap(); // SIGKILL
+        let _ = child.wait();
+        assert_bootable(&dev, &v1, &v2, &what);
+        dev.write_config(&coord.url, &opts);
+        assert_eq!(dev.check_once()["outcome"], "staged", "{what}");
+        assert_eq!(dev.boot_check().1["outcome"], "committed", "{what}");
+        assert_eq!(dev.slot_image("a"), v2, "{what}");
+        let fetched = dev.downloads();
+        assert!(fetched.len() >= k);
+        assert_eq!(fetched.iter().collect::<HashSet<_>>().len(), fetched.len(), "{what}: a chunk was fetched twice");
+    }
     assert!(crashed * 2 > trials, "most trials must really cut the power ({crashed} of {trials})");
 }
