@@ -78,6 +78,17 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // The seed backends' settings that have no job here: say so instead of silently ignoring.
+    if std::env::var_os("JWT_SECRET").is_some() {
+        tracing::info!(
+            "JWT_SECRET is set but unused: Flotilla tokens are random and stored hashed, so there is no signing secret"
+        );
+    }
+    if std::env::var_os("REDIS_URL").is_some() {
+        tracing::info!(
+            "REDIS_URL is set but unused: active releases are cached in process and refreshed from the database"
+        );
+    }
     let mut config = match &cli.config {
         Some(path) => Config::load(path).with_context(|| format!("loading {}", path.display()))?,
         None => Config::default(),

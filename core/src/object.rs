@@ -93,6 +93,12 @@ pub fn decode(object: &[u8], expected_id: &ChunkId, expected_len: u32) -> Result
     Ok(out)
 }
 
+/// The largest zstd window (log2 bytes) accepted for a chunk of `len` bytes.
+fn max_window_log(len: u32) -> u32 {
+    let ceil_log2 = u32::BITS - len.saturating_sub(1).leading_zeros();
+    ceil_log2.clamp(10, 30) + 1
+}
+
 /// Like [`decode`], writing into `out` (cleared first) so a caller can reuse the buffer.
 ///
 /// # Errors
@@ -118,7 +124,12 @@ pub fn decode_into(
         }
         FLAG_ZSTD => {
             out.reserve(expected_len as usize);
-            let decoder = zstd::stream::read::Decoder::with_buffer(body).map_err(ObjectError::Corrupt)?;
+            let mut decoder = zstd::stream::read::Decoder::with_buffer(body).map_err(ObjectError::Corrupt)?;
+            // A frame may declare any window and omit its content size, which would make the
+            // decoder allocate the window (up to 128 MiB) for a 21-byte object. A chunk never
+            // needs a window larger than itself: our encoder pledges the size, so zstd picks
+            // ceil(log2(len)), at least 10; one more is allowed for other encoders.
+            decoder.window_log_max(max_window_log(expected_len)).map_err(ObjectError::Corrupt)?;
             // Read one byte past the length, so an overlong frame is caught without
             // decompressing the rest of it.
             decoder.take(u64::from(expected_len) + 1).read_to_end(out).map_err(ObjectError::Corrupt)?;
@@ -145,6 +156,26 @@ pub fn decode_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `chunk_object` fuzz target: a 21-byte frame declaring a 128 MiB window and
+    /// no content size must be refused, not decoded with a 128 MiB buffer.
+    #[test]
+    fn frame_with_huge_window_is_refused() {
+        let frame =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions/chunk_object/oom-zstd-window-128mib"))
+                .expect("regression input");
+        let (len, object) = frame.split_at(3);
+        let len = u32::from_le_bytes([len[0], len[1], len[2], 0]) & 0xf_ffff;
+        let err = decode(object, &ChunkId::from_bytes([0; 32]), len).expect_err("refused");
+        assert!(matches!(err, ObjectError::Corrupt(_)), "{err:?}");
+        assert!(err.to_string().contains("too much memory"), "refused for its window, before any allocation: {err}");
+        for len in [1, 1000, 16 << 10, 64 << 10, 256 << 10, 4 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (i / 4093) as u8).collect();
+            let id = ChunkId::of(&data);
+            let object = encode(&data, DEFAULT_LEVEL);
+            assert_eq!(decode(&object, &id, len).expect("our own objects still decode"), data);
+        }
+    }
 
     #[test]
     fn compressible_and_incompressible_roundtrip() {

@@ -324,14 +324,14 @@ pub enum DevicesCommand {
 pub struct ExportArgs {
     /// Release id.
     pub id: i64,
-    /// Output directory (created; must be empty).
+    /// Output directory (created; must be empty), or a new `FILE.tar`.
     pub out: PathBuf,
 }
 
 /// `verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// An exported release directory.
+    /// An exported release: directory or `.tar` file.
     pub dir: Option<PathBuf>,
     /// The trust root to check against (default: the export's own, with a warning).
     #[arg(long)]

@@ -25,6 +25,63 @@ fn chunk_path(dir: &Path, id: &str) -> PathBuf {
     dir.join("chunks").join(&id[..2]).join(id)
 }
 
+/// Whether `path` names a tar file rather than a directory.
+fn is_tar(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "tar")
+}
+
+/// `flotilla export ID DIR|FILE.tar`: a directory, or the same tree as one deterministic tar
+/// (written under a temporary name and renamed, so a cut never leaves a half tar behind).
+pub async fn export_any(client: &Client, id: i64, out: &Path, quiet: bool) -> CliResult<Value> {
+    if !is_tar(out) {
+        return export(client, id, out, quiet).await;
+    }
+    if out.exists() {
+        return Err(CliError::usage(format!("{} exists; export into a new file", out.display())));
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = tempfile::tempdir_in(parent).map_err(io_err(parent))?;
+    let tree = staging.path().join("release");
+    let mut v = export(client, id, &tree, quiet).await?;
+    let partial = staging.path().join("release.tar");
+    let file = std::fs::File::create(&partial).map_err(io_err(&partial))?;
+    let mut w = std::io::BufWriter::new(file);
+    flotilla_core::archive::pack_dir(&tree, &mut w)
+        .map_err(|e| CliError::failure(format!("writing {}: {e}", out.display())))?;
+    let file = w.into_inner().map_err(|e| CliError::failure(format!("writing {}: {e}", out.display())))?;
+    file.sync_all().map_err(io_err(&partial))?;
+    std::fs::rename(&partial, out).map_err(io_err(out))?;
+    v["dir"] = Value::Null;
+    v["file"] = json!(out);
+    Ok(v)
+}
+
+/// `flotilla verify DIR|FILE.tar ...`: a tar is unpacked (bounded, no escaping paths) into a
+/// temporary directory first.
+pub fn verify_any(
+    export: Option<&Path>,
+    trust_root: Option<&Path>,
+    image: Option<&Path>,
+    manifest: Option<&Path>,
+    quiet: bool,
+) -> CliResult<Value> {
+    let Some(tar) = export.filter(|p| is_tar(p)) else {
+        return verify(export, trust_root, image, manifest, quiet);
+    };
+    let staging = tempfile::tempdir().map_err(|e| CliError::failure(format!("temp dir: {e}")))?;
+    let file = std::fs::File::open(tar).map_err(io_err(tar))?;
+    flotilla_core::archive::unpack(
+        std::io::BufReader::new(file),
+        staging.path(),
+        flotilla_core::archive::UnpackLimits::default(),
+    )
+    .map_err(|e| CliError::new(Kind::Verify, format!("{}: not a Flotilla export: {e}", tar.display())))?;
+    let mut v = verify(Some(staging.path()), trust_root, image, manifest, quiet)?;
+    v["dir"] = Value::Null;
+    v["file"] = json!(tar);
+    Ok(v)
+}
+
 /// `flotilla export ID DIR`.
 pub async fn export(client: &Client, id: i64, out: &Path, quiet: bool) -> CliResult<Value> {
     if out.exists() && std::fs::read_dir(out).map_err(io_err(out))?.next().is_some() {

@@ -145,10 +145,14 @@ async fn dispatch(cli: &Cli) -> CliResult<Value> {
             let q = product.as_ref().map(|p| format!("?product={p}")).unwrap_or_default();
             client(cli)?.get(&format!("/v1/devices{q}")).await
         }
-        Command::Export(a) => export::export(&client(cli)?, a.id, &a.out, quiet).await,
-        Command::Verify(a) => {
-            export::verify(a.dir.as_deref(), a.trust_root.as_deref(), a.image.as_deref(), a.manifest.as_deref(), quiet)
-        }
+        Command::Export(a) => export::export_any(&client(cli)?, a.id, &a.out, quiet).await,
+        Command::Verify(a) => export::verify_any(
+            a.dir.as_deref(),
+            a.trust_root.as_deref(),
+            a.image.as_deref(),
+            a.manifest.as_deref(),
+            quiet,
+        ),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "flotilla", &mut std::io::stdout());
             Ok(Value::Null)

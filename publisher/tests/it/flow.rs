@@ -128,6 +128,21 @@ fn publish_steer_rollback_export(engine: Engine) {
     assert_eq!(ex["version_code"], 2, "{ex}");
     let v = cli.ok(&["verify", out_s, "--trust-root", &root]);
     assert_verified(&v, &v2);
+    // The same as one tar file (a USB stick, a sneakernet upload), verified as it is.
+    let tar = cli.path("kiosk-1.1.0.tar");
+    let tar_s = tar.to_str().expect("utf-8");
+    let ex_tar = cli.ok(&["export", &id2.to_string(), tar_s]);
+    assert_eq!(ex_tar["file"], tar_s, "{ex_tar}");
+    let v = cli.ok(&["verify", tar_s, "--trust-root", &root]);
+    assert_verified(&v, &v2);
+    // Flip a byte inside one chunk object (found by its bytes, from the directory export).
+    let mut bytes = std::fs::read(&tar).expect("read tar");
+    let obj = std::fs::read(any_chunk(&out)).expect("read chunk");
+    let at = bytes.windows(obj.len()).position(|w| w == obj.as_slice()).expect("chunk object inside the tar");
+    bytes[at + obj.len() / 2] ^= 1;
+    std::fs::write(&tar, bytes).expect("write");
+    cli.fails(&["verify", tar_s, "--trust-root", &root], 7);
+
     // A local image against the exported manifest: v2 matches, v1 does not.
     let manifest = out.join("manifest.json");
     let m = manifest.to_str().expect("utf-8");
@@ -144,6 +159,11 @@ fn assert_verified(v: &Value, image: &[u8]) {
     use sha2::Digest as _;
     let sha = hex_lower(&sha2::Sha256::digest(image));
     assert_eq!(v["image_sha256"], sha, "verify reports the verified image: {v}");
+}
+
+fn any_chunk(export: &std::path::Path) -> std::path::PathBuf {
+    let sub = std::fs::read_dir(export.join("chunks")).expect("chunks").next().expect("a chunk dir").expect("entry");
+    std::fs::read_dir(sub.path()).expect("dir").next().expect("a chunk").expect("entry").path()
 }
 
 fn hex_lower(b: &[u8]) -> String {
