@@ -7,6 +7,7 @@ mod auth_matrix;
 mod bad_input;
 mod binary;
 mod flow;
+mod openapi;
 mod replicas;
 mod rollouts;
 mod s3;
