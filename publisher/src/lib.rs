@@ -69,6 +69,39 @@ fn print_value(json_out: bool, v: &Value) {
         return;
     }
     let bold = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    if let Some(rows) = v.get("releases").and_then(Value::as_array) {
+        let cols = ["id", "channel", "version", "code", "state", "percent", "healthy", "failed", "archived"];
+        let cells = rows.iter().map(|r| {
+            vec![
+                cell(&r["id"]),
+                cell(&r["channel"]),
+                cell(&r["version"]),
+                cell(&r["version_code"]),
+                cell(&r["rollout"]["state"]),
+                cell(&r["rollout"]["percent"]),
+                cell(&r["rollout"]["healthy"]),
+                cell(&r["rollout"]["failed"]),
+                cell(&r["archived"]),
+            ]
+        });
+        print_table(&cols, cells.collect(), bold);
+        return;
+    }
+    if let Some(rows) = v.get("devices").and_then(Value::as_array) {
+        let cols = ["device", "channel", "hardware", "version", "code", "last seen (unix)"];
+        let cells = rows.iter().map(|r| {
+            vec![
+                cell(&r["device_id"]),
+                cell(&r["channel"]),
+                cell(&r["hardware"]),
+                cell(&r["version"]),
+                cell(&r["version_code"]),
+                cell(&r["last_seen"]),
+            ]
+        });
+        print_table(&cols, cells.collect(), bold);
+        return;
+    }
     match v {
         Value::Object(map) => {
             for (k, val) in map {
@@ -84,6 +117,39 @@ fn print_value(json_out: bool, v: &Value) {
             }
         }
         other => println!("{}", serde_json::to_string_pretty(other).unwrap_or_default()),
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Left-aligned columns sized to their widest cell.
+fn print_table(cols: &[&str], rows: Vec<Vec<String>>, bold: bool) {
+    let mut width: Vec<usize> = cols.iter().map(|c| c.len()).collect();
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells.iter().zip(&width).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned()
+    };
+    let header = line(cols.iter().map(|c| (*c).to_owned()).collect());
+    if bold {
+        println!("\x1b[1m{header}\x1b[0m");
+    } else {
+        println!("{header}");
+    }
+    if rows.is_empty() {
+        println!("(none)");
+    }
+    for r in rows {
+        println!("{}", line(r));
     }
 }
 

@@ -81,6 +81,12 @@ fn publish_steer_rollback_export(engine: Engine) {
 
     let list = cli.ok(&["releases", "list", "--product", "kiosk"]);
     assert_eq!(list["releases"].as_array().expect("releases").len(), 3, "{list}");
+    // Without --json (and not on a terminal): a plain table, no escape codes.
+    let human = cli.command().args(["releases", "list", "--product", "kiosk"]).output().expect("run");
+    let text = String::from_utf8(human.stdout).expect("utf-8");
+    assert!(text.starts_with("id  channel"), "{text}");
+    assert!(text.lines().any(|l| l.contains("1.1.0") && l.contains("active") && l.contains("10")), "{text}");
+    assert!(!text.contains('\x1b'), "no colour when stdout is not a terminal: {text:?}");
     let beta = cli.ok(&["releases", "list", "--product", "kiosk", "--channel", "beta"]);
     assert_eq!(beta["releases"].as_array().expect("releases").len(), 1, "{beta}");
     let shown = cli.ok(&["releases", "show", &id2.to_string()]);
