@@ -163,6 +163,10 @@ impl Paths {
     fn slot_manifest(&self, s: SlotName) -> PathBuf {
         self.file(&format!("slot-{}.manifest.json", s.lower()))
     }
+    /// Where `install FILE.tar` unpacks the export while it installs from it.
+    fn import_dir(&self) -> PathBuf {
+        self.file("import")
+    }
 }
 
 /// The stored enrollment.
@@ -527,19 +531,65 @@ impl Agent {
         result
     }
 
-    /// Installs a release from a `flotilla export` directory (USB updates).
+    /// Installs a release from a `flotilla export` directory or the `.tar` of one
+    /// (`flotilla export ID FILE.tar`; USB updates). A tar is unpacked by core's safe,
+    /// bounded unpacker into `<state_dir>/import/` first and installed from there; the
+    /// unpacked copy is removed afterwards, whatever the outcome.
     ///
     /// # Errors
-    /// [`AgentError`].
-    pub async fn install_export(&self, dir: &Path) -> Result<CheckReport, AgentError> {
+    /// [`AgentError`]; [`AgentError::Export`] when the tar does not unpack.
+    pub async fn install_export(&self, path: &Path) -> Result<CheckReport, AgentError> {
         let _lock = self.lock(false)?;
         let mut j = self.journal()?;
         if let Some(r) = self.resume_activation(&mut j)? {
             return Ok(r);
         }
+        if path.is_dir() {
+            return self.install_export_dir(&mut j, path, path).await;
+        }
+        let staging = self.paths.import_dir();
+        let unpacked = self.unpack_export(path, &staging).await;
+        let result = match unpacked {
+            Ok(()) => self.install_export_dir(&mut j, &staging, path).await,
+            Err(e) => Err(self.refuse(&mut j, None, e)),
+        };
+        if let Err(e) = std::fs::remove_dir_all(&staging)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %staging.display(), error = %e, "cannot remove the unpacked export");
+        }
+        result
+    }
+
+    /// Unpacks an export tar into `staging` (emptied first: a cut unpack leaves leftovers).
+    async fn unpack_export(&self, tar: &Path, staging: &Path) -> Result<(), AgentError> {
+        let export_err = |message: String| AgentError::Export { path: tar.to_path_buf(), message };
+        match std::fs::remove_dir_all(staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("clearing {}", staging.display()))(e)),
+        }
+        let file = File::open(tar).map_err(|e| export_err(e.to_string()))?;
+        let (tar_owned, staging_owned) = (tar.to_path_buf(), staging.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            flotilla_core::archive::unpack(
+                std::io::BufReader::with_capacity(crate::slot::READ_BUF, file),
+                &staging_owned,
+                flotilla_core::archive::UnpackLimits::default(),
+            )
+        })
+        .await
+        .map_err(|e| export_err(format!("unpacking: {e}")))?
+        .map_err(|e| AgentError::Export { path: tar_owned, message: format!("not a Flotilla export tar: {e}") })?;
+        tracing::info!(file = %tar.display(), "export tar unpacked");
+        Ok(())
+    }
+
+    /// Installs from an export directory; errors name `origin` (the directory or the tar).
+    async fn install_export_dir(&self, j: &mut Journal, dir: &Path, origin: &Path) -> Result<CheckReport, AgentError> {
         let manifest_path = dir.join("manifest.json");
         let envelope = std::fs::read(&manifest_path)
-            .map_err(|e| AgentError::Export { path: dir.to_path_buf(), message: format!("manifest.json: {e}") })?;
+            .map_err(|e| AgentError::Export { path: origin.to_path_buf(), message: format!("manifest.json: {e}") })?;
         let source = Incoming {
             envelope: &envelope,
             assignment: None,
@@ -547,7 +597,7 @@ impl Agent {
             index: IndexFrom::File(dir.join("index.bin")),
             chunks: ChunkSource::Export(dir.to_path_buf()),
         };
-        let result = self.install(&mut j, source).await;
+        let result = self.install(j, source).await;
         let _ = self.flush_events().await;
         result
     }

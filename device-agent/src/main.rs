@@ -53,10 +53,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Install a release from a `flotilla export` directory (USB updates).
+    /// Install a release from a `flotilla export` directory or .tar file (USB updates).
     Install {
-        /// The export directory (trust-root.json, manifest.json, index.bin, chunks/).
-        dir: PathBuf,
+        /// The export: a directory (trust-root.json, manifest.json, index.bin, chunks/) or
+        /// the .tar `flotilla export ID FILE.tar` writes.
+        path: PathBuf,
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
@@ -138,8 +139,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print(json, &r, describe_check(&r));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Install { dir, json } => {
-            let r = agent.install_export(&dir).await?;
+        Command::Install { path, json } => {
+            let r = agent.install_export(&path).await?;
             print(json, &r, describe_check(&r));
             Ok(ExitCode::SUCCESS)
         }

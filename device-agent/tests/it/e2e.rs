@@ -160,3 +160,43 @@ fn export_installs_offline_and_events_wait_for_the_coordinator() {
     });
     assert_eq!(rel["bytes"]["local"], v1.len() as u64);
 }
+
+#[test]
+fn export_tar_installs_and_a_bad_tar_is_refused() {
+    let coord = Coordinator::start();
+    let publisher = Publisher::new(&coord);
+    let v1 = image(23, 1 << 20);
+    std::fs::write(publisher.path("v1.img"), &v1).unwrap();
+    let r1 = publisher.release("1.0.0", &publisher.path("v1.img"), &[]);
+    let tar = publisher.path("release-1.tar");
+    publisher.export(r1["id"].as_i64().unwrap(), &tar);
+    assert!(tar.is_file(), "the CLI wrote one tar file");
+
+    let dev = Device::new(&coord, &publisher.path("root.json"), SlotKind::File, &DeviceOptions::default());
+    dev.write_config("http://127.0.0.1:9", &DeviceOptions::default());
+
+    // Not an export: garbage, and a missing file. Refused, nothing written, a failed event.
+    let junk = publisher.path("junk.tar");
+    std::fs::write(&junk, vec![0x41u8; 3000]).unwrap();
+    let out = dev.run(&["install", junk.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("not a Flotilla export tar"), "{stderr}");
+    let out = dev.run(&["install", publisher.path("missing.tar").to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("missing.tar"));
+    let st = dev.status();
+    assert!(st["installed"].is_null() && st["target"].is_null(), "{st}");
+    assert_eq!(st["pending_events"], 2, "each refusal queues a failed event: {st}");
+    assert!(!dev.path("state/import").exists(), "the unpacked copy is removed");
+
+    let out = dev.ok(&["install", tar.to_str().unwrap(), "--json"]);
+    assert_eq!(out["outcome"], "staged", "{out}");
+    assert_eq!(out["slot"], "B");
+    assert_eq!(out["bytes"]["file"], v1.len() as u64);
+    assert!(!dev.path("state/import").exists(), "the unpacked copy is removed");
+    assert_eq!(dev.boot_check(), (0, serde_json::json!({ "outcome": "committed", "slot": "B", "version": "1.0.0" })));
+    assert_eq!(dev.slot_image("b"), v1);
+    assert_eq!(dev.status()["installed"]["version"], "1.0.0");
+    // The same tar again: the release is installed already (version_code must increase).
+    let out = dev.run(&["install", tar.to_str().unwrap()]);
+    assert!(!out.status.success(), "reinstalling the installed release is refused");
+}
