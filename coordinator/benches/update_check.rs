@@ -464,6 +464,16 @@ fn bench_engine(engine: Engine, load: &tokio::runtime::Runtime, pg: Option<&Post
         handler_mean(before, between),
         handler_mean(between, timed())
     );
+    // Batched last-seen writes run beside the checks every `last_seen_flush`: time one batch
+    // of every device (the runs above touched each of them).
+    let pending = state.last_seen.lock().map(|m| m.len()).unwrap_or(0);
+    let started = Instant::now();
+    let flushed =
+        served.runtime.as_ref().expect("runtime").block_on(flotilla_coordinator::api::flush_last_seen(&state));
+    println!(
+        "{name}: last-seen flush of {pending} devices: {:.1} ms ({flushed:?})",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     drop(served);
     (open, closed)
 }

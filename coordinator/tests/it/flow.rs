@@ -181,7 +181,43 @@ async fn wrong_hardware_and_old_native_shell(engine: Engine) {
     assert_eq!(body["version_code"], 2);
 }
 
+/// Checks record last-seen times and versions in memory; a flush writes them all at once
+/// (batched statements), and devices that did not check keep their values.
+async fn last_seen_is_flushed_in_batches(engine: Engine) {
+    let s = start(engine).await;
+    s.create_product("seen", &Keys::new(4), SECRET).await;
+    let mut tokens = Vec::new();
+    // More devices than one UPDATE statement carries.
+    for i in 0..620 {
+        tokens.push(s.enroll("seen", &format!("d-{i:04}"), "stable", SECRET, None).await);
+    }
+    sqlx::query("UPDATE devices SET last_seen = 1").execute(&s.state.db.pool).await.expect("reset last_seen");
+    for (i, t) in tokens.iter().enumerate().skip(1) {
+        let query = if i.is_multiple_of(2) { format!("?version_code={i}") } else { String::new() };
+        let resp = s.http.get(format!("{}/v1/updates/check{query}", s.url)).bearer_auth(t).send().await.expect("check");
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    }
+    let written = flotilla_coordinator::api::flush_last_seen(&s.state).await.expect("flush");
+    assert_eq!(written, 619);
+    assert_eq!(flotilla_coordinator::api::flush_last_seen(&s.state).await.expect("flush"), 0, "nothing pending");
+    let (_, body) = s.get("/v1/devices?product=seen&limit=10000", Some(&s.admin)).await;
+    let devices = body["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 620);
+    for d in devices {
+        let i: usize = d["device_id"].as_str().expect("id")[2..].parse().expect("number");
+        let seen = d["last_seen"].as_i64().expect("last_seen");
+        if i == 0 {
+            assert_eq!(seen, 1, "a device that did not check is untouched");
+        } else {
+            assert!(seen > 1, "device {i} was seen");
+        }
+        let expected = if i.is_multiple_of(2) && i > 0 { json!(i) } else { serde_json::Value::Null };
+        assert_eq!(d["version_code"], expected, "device {i}: a reported version is kept, none leaves it as is");
+    }
+}
+
 crate::both_engines!(
+    last_seen_is_flushed_in_batches,
     publish_check_install,
     second_release_uploads_only_new_chunks,
     wrong_hardware_and_old_native_shell
