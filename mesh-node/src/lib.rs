@@ -1,21 +1,47 @@
 //! Peer-first chunk exchange for Flotilla over libp2p.
 //!
 //! Devices on the same site fetch the chunks they lack from nearby peers and go to the CDN
-//! only for what no peer has, with one peer per site fetching each chunk from the origin.
-//! Discovery uses mDNS on the local network and Kademlia (records per release) beyond it;
-//! gossipsub carries signed release announcements and have-maps; a length-delimited chunk
-//! transfer protocol with explicit limits carries runs of chunks, each verified against its
-//! BLAKE3 id before use. Peers are untrusted: a bad chunk gets its sender banned. The crate
-//! is a library the device agent embeds and, later, the `flotilla-mesh` site-cache binary
-//! that keeps a chunk store on disk for offline sites.
+//! only for what no peer has, with one peer per site fetching each chunk from the origin
+//! ([`rendezvous`]). Peers find each other through static bootstrap addresses and mDNS on the
+//! local network; gossipsub carries signed release announcements, verified against the
+//! fleet's trust root before anyone acts on them; `/flotilla/chunk/1` ([`protocol`]) carries
+//! chunk objects with explicit size limits, each verified against its BLAKE3 id before use.
+//! Peers are untrusted: a peer that sends a bad chunk is disconnected and banned for a while.
+//! The crate is the library the device agent embeds and the `flotilla-mesh` site cache,
+//! which serves a bounded on-disk chunk store ([`store::DiskStore`]) filled from
+//! `flotilla export` bundles.
 //!
-//! # Status
+//! # Layout
+//! - [`node`]: the [`Mesh`] handle and the actor owning the libp2p swarm.
+//! - [`protocol`]: the chunk request/response protocol and its bounded codec.
+//! - [`store`]: what a node serves ([`ChunkProvider`]) and the site cache's LRU store.
+//! - [`rendezvous`]: which peer of a site fetches a chunk from the origin.
+//! - [`cache`]: the `flotilla-mesh` site-cache commands.
 //!
-//! Placeholder: filled by issue 7.
+//! # Example
+//! ```no_run
+//! # async fn demo(id: flotilla_core::ids::ChunkId, len: u32) -> Result<(), flotilla_mesh::MeshError> {
+//! use std::sync::Arc;
+//! use flotilla_mesh::{Mesh, MeshConfig, Role, store::NoChunks};
+//!
+//! let mut config = MeshConfig::new(Role::Agent);
+//! config.bootstrap.push("/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWRrxVnnhY4QnXuqXbqm2bnVRs6ijTbKvZVfn3bRiBYHhr".parse().expect("address"));
+//! let mesh = Mesh::start(config, Arc::new(NoChunks)).await?;
+//! let chunk = mesh.fetch(id, len).await?; // verified against `id`
+//! println!("{} bytes from {}", chunk.data.len(), chunk.peer);
+//! # Ok(()) }
+//! ```
 
 #![deny(missing_docs, rustdoc::broken_intra_doc_links, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-/// The shared formats and verification rules this crate builds on, re-exported so the
-/// dependency on `flotilla-core` is real while the crate is a placeholder.
-pub use flotilla_core;
+pub mod cache;
+pub mod node;
+pub mod protocol;
+pub mod rendezvous;
+pub mod store;
+
+pub use libp2p::{Multiaddr, PeerId};
+pub use node::{Fetched, MAX_IN_FLIGHT_PER_PEER, Mesh, MeshConfig, MeshError, MeshStats, PeerInfo, Role};
+pub use rendezvous::fetcher_for;
+pub use store::ChunkProvider;

@@ -1,0 +1,190 @@
+//! The `flotilla-mesh` site cache: a mesh node of role [`Role::Cache`] serving a
+//! [`DiskStore`], filled by `import` of `flotilla export` bundles (USB sticks at offline
+//! sites).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_core::ids::ChunkId;
+use flotilla_core::time::Timestamp;
+use flotilla_core::trust::TrustRoot;
+use libp2p::{Multiaddr, identity};
+
+use crate::node::{Mesh, MeshConfig, MeshError, Role};
+use crate::store::{ChunkProvider, DiskStore, ImportReport, StoreError};
+
+/// Why a cache command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    /// Reading or writing a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The trust root did not verify.
+    #[error("trust root {path}: {message}")]
+    TrustRoot {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// The node key file is not a key.
+    #[error("node key {path}: {message}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The mesh.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+}
+
+/// Reads a trust root the operator provisioned (self-signed, threshold met).
+///
+/// # Errors
+/// [`CacheError::Io`], [`CacheError::TrustRoot`].
+pub fn load_trust_root(path: &Path) -> Result<TrustRoot, CacheError> {
+    let bytes = std::fs::read(path).map_err(|source| CacheError::Io { path: path.to_path_buf(), source })?;
+    TrustRoot::from_trusted_json(&bytes)
+        .map_err(|e| CacheError::TrustRoot { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// Loads the node's Ed25519 identity from `path`, creating it (mode 0600) on first start, so a
+/// cache keeps the peer id devices are configured with.
+///
+/// # Errors
+/// [`CacheError::Io`], [`CacheError::Key`].
+pub fn load_or_create_key(path: &Path) -> Result<identity::Keypair, CacheError> {
+    let io = |source| CacheError::Io { path: path.to_path_buf(), source };
+    match std::fs::read(path) {
+        Ok(bytes) => identity::Keypair::from_protobuf_encoding(&bytes)
+            .map_err(|e| CacheError::Key { path: path.to_path_buf(), message: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = identity::Keypair::generate_ed25519();
+            let bytes = key
+                .to_protobuf_encoding()
+                .map_err(|e| CacheError::Key { path: path.to_path_buf(), message: e.to_string() })?;
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            let tmp = path.with_extension("tmp");
+            {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io)?;
+                f.write_all(&bytes).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+            std::fs::rename(&tmp, path).map_err(io)?;
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Imports an export into the store at `store_dir`.
+///
+/// # Errors
+/// [`CacheError`].
+pub fn import(store: &DiskStore, export: &Path, root: &TrustRoot) -> Result<ImportReport, CacheError> {
+    Ok(store.import_export(export, root, Timestamp::now())?)
+}
+
+/// What `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The store directory (also holds `node.key`).
+    pub store: PathBuf,
+    /// The store's bound in bytes.
+    pub max_bytes: u64,
+    /// The fleet's trust root.
+    pub trust_root: PathBuf,
+    /// Listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to keep connected to.
+    pub bootstrap: Vec<Multiaddr>,
+    /// mDNS discovery.
+    pub mdns: bool,
+    /// Exports imported before serving.
+    pub import: Vec<PathBuf>,
+    /// How often the counters are printed.
+    pub stats_every: Duration,
+    /// Test only: flip a bit in every object served (a malicious peer).
+    pub corrupt: bool,
+}
+
+/// Serves flips one bit of every object: the test double of a malicious peer.
+struct Corrupting(Arc<DiskStore>);
+
+impl ChunkProvider for Corrupting {
+    fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
+        let mut obj = self.0.object(id, len)?;
+        if let Some(last) = obj.last_mut() {
+            *last ^= 0x01;
+        }
+        Some(obj)
+    }
+}
+
+/// Runs the site cache until `shutdown` resolves. Prints `listening on ADDR` for each
+/// address and a `stats …` line every [`ServeOptions::stats_every`] on stdout.
+///
+/// # Errors
+/// [`CacheError`].
+pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), CacheError> {
+    let root = load_trust_root(&opts.trust_root)?;
+    let store = Arc::new(DiskStore::open(&opts.store, opts.max_bytes)?);
+    for export in &opts.import {
+        let (store, export, root) = (store.clone(), export.clone(), root.clone());
+        let report = tokio::task::spawn_blocking(move || import(&store, &export, &root))
+            .await
+            .map_err(|e| MeshError::Start(e.to_string()))??;
+        tracing::info!(product = %report.product, version = %report.version, chunks = report.chunks, added = report.added, "imported");
+    }
+    let key = load_or_create_key(&opts.store.join("node.key"))?;
+    let mut config = MeshConfig::new(Role::Cache);
+    config.listen = opts.listen.clone();
+    config.bootstrap = opts.bootstrap.clone();
+    config.mdns = opts.mdns;
+    config.trust_root = Some(root);
+    config.keypair = Some(key);
+    let provider: Arc<dyn ChunkProvider> =
+        if opts.corrupt { Arc::new(Corrupting(store.clone())) } else { store.clone() };
+    let mesh = Mesh::start(config, provider).await?;
+    for addr in mesh.listen_addrs().await? {
+        println!("listening on {addr}");
+    }
+    let mut every = tokio::time::interval(opts.stats_every);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = every.tick() => {
+                let s = mesh.stats().await?;
+                let st = store.stats();
+                println!(
+                    "stats peers={} served_chunks={} served_bytes={} busy={} bans={} bad_chunks={} store_chunks={} store_bytes={}",
+                    s.peers, s.served_chunks, s.served_bytes, s.busy, s.bans, s.bad_chunks, st.chunks, st.bytes
+                );
+            }
+        }
+    }
+    Ok(())
+}

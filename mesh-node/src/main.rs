@@ -1,0 +1,112 @@
+//! `flotilla-mesh`: the site cache. Thin over [`flotilla_mesh::cache`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use flotilla_mesh::Multiaddr;
+use flotilla_mesh::cache::{self, ServeOptions};
+use flotilla_mesh::store::DiskStore;
+
+/// Flotilla site cache: serves release chunks to the devices of a site over the mesh.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-mesh", version, about)]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// The chunk store directory.
+    #[arg(long, env = "FLOTILLA_MESH_STORE")]
+    store: PathBuf,
+    /// The store's bound, in bytes.
+    #[arg(long, env = "FLOTILLA_MESH_MAX_BYTES", default_value_t = 32 << 30)]
+    max_bytes: u64,
+    /// The fleet's trust root (DSSE JSON); releases not signed by it are refused.
+    #[arg(long, env = "FLOTILLA_MESH_TRUST_ROOT")]
+    trust_root: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the store to peers.
+    Serve {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Listen address (repeatable).
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4001")]
+        listen: Vec<Multiaddr>,
+        /// A peer to keep connected to, ending in /p2p/ID (repeatable).
+        #[arg(long)]
+        bootstrap: Vec<Multiaddr>,
+        /// Do not discover peers with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
+        /// Import this export (directory or .tar) before serving (repeatable).
+        #[arg(long)]
+        import: Vec<PathBuf>,
+        /// How often to print the counters.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        stats_every: Duration,
+        /// Tests only: corrupt every chunk served.
+        #[arg(long, hide = true, env = "FLOTILLA_MESH_TEST_CORRUPT")]
+        test_corrupt: bool,
+    },
+    /// Import a `flotilla export` directory or .tar into the store.
+    Import {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The export.
+        export: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve { store, listen, bootstrap, no_mdns, import, stats_every, test_corrupt } => {
+            let opts = ServeOptions {
+                store: store.store,
+                max_bytes: store.max_bytes,
+                trust_root: store.trust_root,
+                listen,
+                bootstrap,
+                mdns: !no_mdns,
+                import,
+                stats_every,
+                corrupt: test_corrupt,
+            };
+            cache::serve(opts, shutdown_signal()).await.context("serving")?;
+        }
+        Command::Import { store, export } => {
+            let root = cache::load_trust_root(&store.trust_root)?;
+            let db = DiskStore::open(&store.store, store.max_bytes).context("opening the store")?;
+            let r = cache::import(&db, &export, &root).with_context(|| format!("importing {}", export.display()))?;
+            println!("imported {} {}: {} chunks, {} new", r.product, r.version, r.chunks, r.added);
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        let _ = ctrl_c.await;
+        return;
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,1 @@
+//! Mesh tests with real processes.
