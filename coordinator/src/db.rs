@@ -47,6 +47,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0002_event_ids.sql"),
         postgres: include_str!("../../migrations/postgres/0002_event_ids.sql"),
     },
+    Migration {
+        version: 3,
+        name: "trust_root_history",
+        sqlite: include_str!("../../migrations/sqlite/0003_trust_root_history.sql"),
+        postgres: include_str!("../../migrations/postgres/0003_trust_root_history.sql"),
+    },
 ];
 
 /// Arbitrary constant naming the migration lock among PostgreSQL advisory locks.

@@ -103,6 +103,14 @@ pub enum RootCommand {
     Init(RootInitArgs),
     /// Make the next trust root (version N+1), signed by the current root keys and the new ones.
     Rotate(RootRotateArgs),
+    /// Install a rotated trust root on the coordinator (admin token); devices fetch the chain.
+    Push {
+        /// Product.
+        #[arg(long)]
+        product: String,
+        /// The new trust root file (from `flotilla root rotate`).
+        trust_root: PathBuf,
+    },
 }
 
 /// `root init`.

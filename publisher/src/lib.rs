@@ -177,6 +177,16 @@ async fn dispatch(cli: &Cli) -> CliResult<Value> {
             keys::root_init(args, c.as_ref()).await
         }
         Command::Root(RootCommand::Rotate(args)) => keys::root_rotate(args),
+        Command::Root(RootCommand::Push { product, trust_root }) => {
+            let text = std::fs::read_to_string(trust_root).map_err(error::io_err(trust_root))?;
+            client(cli)?
+                .json(
+                    reqwest::Method::PUT,
+                    &format!("/v1/products/{product}/trust-root"),
+                    Some(&json!({ "trust_root": text })),
+                )
+                .await
+        }
         Command::Product(cmd) => ops::product(&client(cli)?, cmd).await,
         Command::Release(args) => release::run(&client(cli)?, args, quiet).await,
         Command::Releases(ReleasesCommand::List { product, channel }) => {

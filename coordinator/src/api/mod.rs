@@ -6,6 +6,7 @@ mod content;
 mod devices;
 mod ops;
 mod publish;
+mod roots;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -36,6 +37,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/products", post(admin::create_product).get(admin::list_products))
         .route("/v1/products/{product}", get(admin::get_product))
         .route("/v1/products/{product}/stages", put(admin::set_stage_plan))
+        .route("/v1/products/{product}/trust-root", put(roots::rotate))
+        .route("/v1/products/{product}/trust-roots", get(roots::chain))
         .route("/v1/devices/enroll", post(devices::enroll))
         .route("/v1/updates/check", get(devices::check))
         .route("/v1/devices/events", post(devices::events))

@@ -210,3 +210,66 @@ fn completions() {
         assert!(text.contains("rollback") && text.contains("export"), "{shell}: {text:.200}");
     }
 }
+
+both_engines!(trust_root_rotation, trust_root_rotation);
+
+/// Key rotation: a new trust root (new release key) signed by the old root threshold is pushed
+/// to the coordinator; releases signed by the retired key are refused, the new key publishes,
+/// and devices can fetch the chain.
+fn trust_root_rotation(engine: Engine) {
+    let coord = Coordinator::start(engine);
+    let cli = Flotilla::new(&coord);
+    let (old_key, root) = cli.setup_product("fleet");
+    let s = |p: std::path::PathBuf| p.to_str().expect("utf-8").to_owned();
+    let (root_key, new_key, root2) =
+        (s(cli.path("root.pem")), s(cli.path("release-2.pem")), s(cli.path("root-2.json")));
+    cli.ok(&["keys", "generate", "--out", &new_key]);
+    let rotated = cli.ok(&[
+        "root",
+        "rotate",
+        "--current",
+        &root,
+        "--sign-with",
+        &root_key,
+        "--release-key",
+        &new_key,
+        "--out",
+        &root2,
+    ]);
+    assert_eq!(rotated["version"], 2, "{rotated}");
+    // Signed by a key the current root does not know: refused locally, nothing written.
+    let stranger = s(cli.path("stranger.pem"));
+    cli.ok(&["keys", "generate", "--out", &stranger]);
+    let bad = s(cli.path("root-bad.json"));
+    let msg = cli.fails(&["root", "rotate", "--current", &root, "--sign-with", &stranger, "--out", &bad], 2);
+    assert!(msg.contains("threshold"), "{msg}");
+    assert!(!std::path::Path::new(&bad).exists());
+
+    let pushed = cli.ok(&["root", "push", "--product", "fleet", &root2]);
+    assert_eq!((pushed["version"].as_u64(), pushed["previous_version"].as_u64()), (Some(2), Some(1)), "{pushed}");
+    // The same root again is not version N+1 of the current one.
+    let again = cli.fails(&["root", "push", "--product", "fleet", &root2], 6);
+    assert!(again.contains("rotation refused"), "{again}");
+
+    let img = write(&cli.path("os.img"), &image(31, 1 << 20));
+    let msg =
+        cli.fails(&["release", "--product", "fleet", "--image", &img, "--version", "1.0.0", "--key", &old_key], 6);
+    assert!(msg.contains("not a release key") && msg.contains("version 2"), "{msg}");
+    let r = cli.ok(&["release", "--product", "fleet", "--image", &img, "--version", "1.0.0", "--key", &new_key]);
+    assert_eq!(r["version_code"], 1, "{r}");
+
+    let chain = crate::support::http_json(
+        "GET",
+        &format!("{}/v1/products/fleet/trust-roots?after=1", coord.url),
+        &coord.admin,
+        None,
+    );
+    assert_eq!(chain["current_version"], 2, "{chain}");
+    let roots = chain["trust_roots"].as_array().expect("roots");
+    assert_eq!(roots.len(), 1, "{chain}");
+    assert_eq!(roots[0]["trust_root"].as_str(), Some(std::fs::read_to_string(&root2).expect("root2").as_str()));
+    // A device holding version 1 can verify the step with the keys it trusts.
+    let v1 = flotilla_core::trust::TrustRoot::from_trusted_json(&std::fs::read(&root).expect("root")).expect("v1");
+    let v2 = v1.rotate(roots[0]["trust_root"].as_str().expect("text").as_bytes()).expect("chain verifies");
+    assert_eq!(v2.version(), 2);
+}
