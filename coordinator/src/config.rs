@@ -114,6 +114,23 @@ impl S3Config {
     }
 }
 
+/// The crash-rate guardrail: a release whose installs fail at this rate, over at least this
+/// many reports, is halted (no longer offered), whatever its stage plan says.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Guardrail {
+    /// Reports (healthy + failed + rolled back) needed before the guardrail can trip.
+    pub min_reports: u64,
+    /// Failure share (0-1) that trips it.
+    pub failure_rate: f64,
+}
+
+impl Default for Guardrail {
+    fn default() -> Self {
+        Self { min_reports: 20, failure_rate: 0.5 }
+    }
+}
+
 /// Per-client request budgets.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -192,6 +209,8 @@ pub struct Config {
     pub stages: Vec<Stage>,
     /// Request budgets.
     pub rate_limits: RateLimits,
+    /// Crash-rate guardrail.
+    pub guardrail: Guardrail,
     /// Database connections.
     pub max_connections: u32,
 }
@@ -216,6 +235,7 @@ impl Default for Config {
             cache_refresh: Duration::from_secs(10),
             stages: default_stages(),
             rate_limits: RateLimits::default(),
+            guardrail: Guardrail::default(),
             max_connections: 16,
         }
     }
@@ -267,6 +287,12 @@ impl Config {
     /// [`ConfigError::Invalid`] naming the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_stages(&self.stages).map_err(ConfigError::Invalid)?;
+        if !(self.guardrail.failure_rate > 0.0 && self.guardrail.failure_rate <= 1.0) || self.guardrail.min_reports == 0
+        {
+            return Err(ConfigError::Invalid(
+                "guardrail.failure_rate must be in (0, 1] and guardrail.min_reports at least 1".into(),
+            ));
+        }
         if self.evaluator_interval.is_zero() || self.last_seen_flush.is_zero() || self.cache_refresh.is_zero() {
             return Err(ConfigError::Invalid("intervals must be positive".into()));
         }

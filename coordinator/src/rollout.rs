@@ -265,6 +265,8 @@ pub struct Evaluation {
     pub advanced: Vec<i64>,
     /// Releases paused (failure rate over the bar).
     pub paused: Vec<i64>,
+    /// Releases halted by the crash-rate guardrail (no longer offered at all).
+    pub halted: Vec<i64>,
 }
 
 /// One evaluator pass over every active automatic rollout.
@@ -283,10 +285,34 @@ pub async fn evaluate(state: &AppState) -> ApiResult<Evaluation> {
     state.metrics.evaluator_leader_runs.fetch_add(1, Ordering::Relaxed);
     // The audit log names the replica that held the lease for each action it took.
     let actor = format!("evaluator@{}", state.instance);
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM releases WHERE state = 'active' AND archived = 0")
-        .fetch_all(&state.db.pool)
-        .await?;
-    for id in ids {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, state FROM releases WHERE state IN ('active', 'paused', 'completed') AND archived = 0",
+    )
+    .fetch_all(&state.db.pool)
+    .await?;
+    for (id, rollout_state) in rows {
+        // The crash-rate guardrail: when installs fail en masse (over the whole release, whether
+        // its rollout is active, paused or complete), stop offering it at all rather than only
+        // stop widening it.
+        let (all_ok, all_bad) = reports(state, id, 0).await?;
+        let all = all_ok + all_bad;
+        let guard = &state.config.guardrail;
+        if all > 0 && all as u64 >= guard.min_reports && all_bad as f64 / all as f64 >= guard.failure_rate {
+            let reason = format!(
+                "crash-rate guardrail: {all_bad} of {all} installs failed ({:.1} %, limit {:.1} %); no longer offered",
+                100.0 * all_bad as f64 / all as f64,
+                guard.failure_rate * 100.0
+            );
+            match apply(state, &actor, id, Action::Halt(reason)).await {
+                Ok(_) => out.halted.push(id),
+                Err(e) if e.status == axum::http::StatusCode::CONFLICT => {}
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        if rollout_state != "active" {
+            continue;
+        }
         let cur = load(state, id).await?;
         let Some(stage) = cur.plan.stages.get(usize::try_from(cur.stage).unwrap_or(0)).cloned() else { continue };
         let (ok, bad) = reports(state, id, cur.stage_started).await?;

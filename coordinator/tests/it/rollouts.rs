@@ -190,3 +190,47 @@ crate::both_engines!(
     rollback_republishes_earlier_content,
     one_evaluator_among_replicas
 );
+
+/// The crash-rate guardrail halts a release whose installs fail en masse, even one whose
+/// rollout is complete, and the update check stops offering it; under its report minimum it
+/// does nothing.
+async fn crash_rate_guardrail_halts(engine: Engine) {
+    let s = start_with(engine, |c| {
+        c.guardrail.min_reports = 4;
+        c.guardrail.failure_rate = 0.5;
+    })
+    .await;
+    let keys = Keys::new(6);
+    let api = s.create_product("guard", &keys, SECRET).await;
+    let everyone = json!({ "stages": [{ "percent": 100 }] });
+    let bad = release(&s, &api, &keys, "guard", "1.0.0", 2, &image(7, 30_000), everyone).await;
+    let mut devices = Vec::new();
+    for i in 0..5 {
+        devices.push(s.enroll("guard", &format!("g-{i}"), "stable", SECRET, None).await);
+    }
+    let (_, rel) = s.get(&format!("/v1/releases/{bad}"), Some(&api)).await;
+    assert_eq!(rel["rollout"]["state"], "completed", "{rel}");
+    assert_eq!(offered(&s, &devices[4]).await, Some(bad));
+
+    // Two failures of three: over 50 %, but under the guardrail's report minimum.
+    for (t, kind) in [(&devices[0], "failed"), (&devices[1], "rolled_back"), (&devices[2], "healthy")] {
+        s.post("/v1/devices/events", Some(t), json!({ "events": [{ "kind": kind, "release_id": bad }] })).await;
+    }
+    let ev = evaluate(&s.state).await.expect("evaluate");
+    assert!(ev.halted.is_empty(), "{ev:?}");
+    assert_eq!(offered(&s, &devices[4]).await, Some(bad));
+
+    // A fourth report, failed: 3 of 4, at the minimum → halted.
+    s.post("/v1/devices/events", Some(&devices[3]), json!({ "events": [{ "kind": "failed", "release_id": bad }] }))
+        .await;
+    let ev = evaluate(&s.state).await.expect("evaluate");
+    assert_eq!(ev.halted, vec![bad], "{ev:?}");
+    let (_, rel) = s.get(&format!("/v1/releases/{bad}"), Some(&api)).await;
+    assert_eq!(rel["rollout"]["state"], "halted", "{rel}");
+    assert!(rel["rollout"]["reason"].as_str().expect("reason").contains("crash-rate guardrail: 3 of 4"), "{rel}");
+    assert_eq!(offered(&s, &devices[4]).await, None, "a halted release is no longer offered");
+    // Halted stays halted: the next pass does nothing.
+    assert!(evaluate(&s.state).await.expect("evaluate").halted.is_empty());
+}
+
+crate::both_engines!(crash_rate_guardrail_halts);
