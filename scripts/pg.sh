@@ -14,8 +14,19 @@ as_pg() {
     if ((EUID == 0)); then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+# port_in_use PORT — whether something listens on 127.0.0.1:PORT.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 case "${1:-}" in
 start)
+    # Another cluster (a second checkout's tests, a developer's own) may hold the default port:
+    # take the next free one unless a port was asked for.
+    if [[ -z ${FLOTILLA_TEST_PG_PORT:-} ]]; then
+        while port_in_use "$port"; do
+            port=$((port + 1))
+            ((port < 55532)) || { echo "no free port in 55432-55531 for PostgreSQL" >&2; exit 1; }
+        done
+    fi
     dir=$(mktemp -d /tmp/flotilla-pg.XXXXXX)
     ((EUID == 0)) && chown postgres: "$dir"
     as_pg "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 >"$dir/initdb.log" 2>&1 ||
