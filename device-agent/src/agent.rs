@@ -724,8 +724,8 @@ impl Agent {
             attempts: self.config.fetch_attempts,
             max_rate: self.config.max_download_rate,
         };
-        let bytes = match install::write_slot(plan).await {
-            Ok(b) => b,
+        let written = match install::write_slot(plan).await {
+            Ok(w) => w,
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "install interrupted; it resumes at the next check");
                 return Err(e.into());
@@ -733,11 +733,9 @@ impl Agent {
             Err(e) => return Err(self.fail(j, &release, e.into())),
         };
 
-        // Read the slot back from the media and check the whole image.
-        let (slots, size) = (self.slots.clone(), release.image_size);
-        let actual = tokio::task::spawn_blocking(move || slots.hash_image(slot, size))
-            .await
-            .map_err(|e| io_err("hashing the slot")(std::io::Error::other(e.to_string())))??;
+        // The whole image as read back from the slot once synced (write_slot reads it while
+        // the download goes on), against the manifest.
+        let (bytes, actual) = (written.bytes, written.sha256);
         crash::point("slot-hashed");
         if actual != release.image_sha256 {
             let _ = std::fs::remove_file(self.paths.progress());

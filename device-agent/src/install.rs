@@ -9,7 +9,10 @@
 //!    export, `parallel` requests at a time, with retries and capped exponential backoff.
 //!
 //! Every chunk is verified (BLAKE3 against the index) before it is written at its offset(s).
-//! The slot is `fdatasync`ed before the progress record claims what was written.
+//! The slot is `fdatasync`ed before the progress record claims what was written. Checkpoints
+//! (sync, then the record) run beside the fetches, and the read-back of the whole image
+//! (SHA-256 of the slot as read from the file) follows the synced prefix of the slot while
+//! the rest downloads, so the check a switch waits for costs little more than its tail.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,9 +22,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_core::chunking::{ChunkParams, Chunker};
-use flotilla_core::ids::ChunkId;
+use flotilla_core::ids::{ChunkId, Sha256Digest};
 use flotilla_core::index::ChunkIndex;
 use flotilla_core::object::{self, ObjectError};
+use sha2::Digest as _;
 
 use crate::client::{ClientError, Coordinator};
 use crate::crash;
@@ -150,6 +154,132 @@ impl RateCap {
     }
 }
 
+/// Busy time per install phase, summed over the parallel tasks (so a phase can exceed the
+/// wall time); logged at the end of an install as a cheap profile.
+#[derive(Debug, Default)]
+struct Phases {
+    fetch: std::sync::atomic::AtomicU64,
+    verify: std::sync::atomic::AtomicU64,
+    write: std::sync::atomic::AtomicU64,
+    sync: std::sync::atomic::AtomicU64,
+    hash: std::sync::atomic::AtomicU64,
+}
+
+impl Phases {
+    fn add(counter: &std::sync::atomic::AtomicU64, since: Instant) {
+        let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        counter.fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn ms(counter: &std::sync::atomic::AtomicU64) -> u64 {
+        counter.load(std::sync::atomic::Ordering::Relaxed) / 1_000_000
+    }
+}
+
+/// What [`write_slot`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    /// Bytes by source, this run plus earlier runs.
+    pub bytes: ByteSources,
+    /// SHA-256 of the whole slot image, read back from the slot file after it was synced.
+    pub sha256: Sha256Digest,
+}
+
+/// Reads the slot back and hashes it while the install goes on: it is told how far the slot
+/// is complete *and synced* (a prefix that only grows) and reads up to there, so the
+/// whole-image check after the last chunk has only the tail left to read.
+struct ReadBack {
+    upto: std::sync::mpsc::Sender<u64>,
+    task: tokio::task::JoinHandle<std::io::Result<(u64, sha2::Sha256)>>,
+}
+
+impl ReadBack {
+    fn start(file: Arc<File>, phases: Arc<Phases>) -> Self {
+        let (upto, rx) = std::sync::mpsc::channel::<u64>();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut sha = sha2::Sha256::new();
+            let mut buf = vec![0u8; crate::slot::READ_BUF];
+            let mut pos = 0u64;
+            for end in rx {
+                let t = Instant::now();
+                while pos < end {
+                    let n = (end - pos).min(buf.len() as u64) as usize;
+                    file.read_exact_at(&mut buf[..n], pos)?;
+                    sha.update(&buf[..n]);
+                    pos += n as u64;
+                }
+                Phases::add(&phases.hash, t);
+            }
+            Ok((pos, sha))
+        });
+        Self { upto, task }
+    }
+
+    /// The slot is complete and synced up to `end`.
+    fn advance(&self, end: u64) {
+        // A closed channel means the reader failed; `finish` reports why.
+        let _ = self.upto.send(end);
+    }
+
+    /// The digest of the first `size` bytes, once the reader got there.
+    async fn finish(self, size: u64) -> Result<Sha256Digest, std::io::Error> {
+        drop(self.upto);
+        let (pos, sha) = self.task.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+        if pos != size {
+            let msg = format!("read back {pos} of {size} bytes");
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, msg));
+        }
+        Ok(Sha256Digest::from_bytes(sha.finalize().into()))
+    }
+}
+
+/// The end of the longest prefix of index entries marked done.
+#[derive(Debug, Default)]
+struct Frontier {
+    entry: usize,
+    offset: u64,
+}
+
+impl Frontier {
+    fn advance(&mut self, index: &ChunkIndex, bits: &[u8]) -> u64 {
+        let entries = index.entries();
+        while self.entry < entries.len() && journal::is_done(bits, self.entry) {
+            self.offset += u64::from(entries[self.entry].len);
+            self.entry += 1;
+        }
+        self.offset
+    }
+}
+
+/// Syncs the slot, then records `bits` as done; returns them. Runs on a blocking thread
+/// while the fetches go on: every bit in `bits` is for a chunk whose write returned before
+/// this started, so the sync covers it, and the record is written only after the sync.
+fn checkpoint(
+    file: Arc<File>,
+    mut progress: Progress,
+    bits: Vec<u8>,
+    path: PathBuf,
+    phases: Arc<Phases>,
+) -> tokio::task::JoinHandle<std::io::Result<Vec<u8>>> {
+    tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        file.sync_data()?;
+        Phases::add(&phases.sync, t);
+        progress.save(&path, &bits)?;
+        Ok(bits)
+    })
+}
+
+/// Waits for the checkpoint in flight, if any (never resolves when there is none).
+async fn checkpoint_done(
+    in_flight: &mut Option<tokio::task::JoinHandle<std::io::Result<Vec<u8>>>>,
+) -> Result<std::io::Result<Vec<u8>>, tokio::task::JoinError> {
+    match in_flight {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What to write and how.
 #[derive(Debug)]
 pub struct WritePlan<'a> {
@@ -241,11 +371,12 @@ fn active_map(
     Ok(map)
 }
 
-/// Writes the target slot; returns the bytes by source of this run plus earlier runs.
+/// Writes the target slot; returns the bytes by source of this run plus earlier runs, and
+/// the SHA-256 of the whole image read back from the slot.
 ///
 /// # Errors
 /// [`WriteError`]; progress made so far stays recorded.
-pub async fn write_slot(plan: WritePlan<'_>) -> Result<ByteSources, WriteError> {
+pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
     let target = plan.target;
     let io = move |source| WriteError::Io { slot: target, source };
     let index_id = plan.index.id();
@@ -288,6 +419,10 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<ByteSources, WriteError> 
         tracing::info!(chunks = found.len(), "resumed: chunks already in the target slot");
         todo = placement(plan.index, &bits);
     }
+
+    let phases = Arc::new(Phases::default());
+    let read_back = ReadBack::start(file.clone(), phases.clone());
+    let mut frontier = Frontier::default();
 
     // 2. Reuse from the active slot.
     if let Some((active, kept)) = plan.active
@@ -335,11 +470,13 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<ByteSources, WriteError> 
                 .map_err(|e| WriteError::Task(e.to_string()))?
                 .map_err(io)?;
             progress.save(&plan.progress_path, &bits).map_err(io)?;
+            read_back.advance(frontier.advance(plan.index, &bits));
             todo = placement(plan.index, &bits);
         }
     }
 
     // 3. Fetch the rest.
+    let started = Instant::now();
     let cap = plan.max_rate.map(|rate| Arc::new(RateCap { started: Instant::now(), rate, bytes: 0.into() }));
     let sem = Arc::new(tokio::sync::Semaphore::new(plan.parallel.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -348,32 +485,45 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<ByteSources, WriteError> 
     let label = plan.source.label();
     let mut pending = todo.order.into_iter();
     let mut outcome: Result<(), WriteError> = Ok(());
+    let mut in_flight = None;
     loop {
         // Keep `parallel` fetches in flight without spawning one task per chunk up front.
         while outcome.is_ok() && tasks.len() < plan.parallel.max(1) * 2 {
             let Some(id) = pending.next() else { break };
             let (len, places) = todo.places[&id].clone();
-            let (source, file, cap, sem, log) =
-                (plan.source.clone(), file.clone(), cap.clone(), sem.clone(), plan.downloads_log.clone());
+            let (source, file, cap, sem, log, phases) = (
+                plan.source.clone(),
+                file.clone(),
+                cap.clone(),
+                sem.clone(),
+                plan.downloads_log.clone(),
+                phases.clone(),
+            );
             let attempts = plan.attempts;
             tasks.spawn(async move {
                 let _permit = sem.acquire_owned().await.map_err(|e| WriteError::Task(e.to_string()))?;
                 if let Some(cap) = &cap {
                     cap.take(u64::from(len)).await;
                 }
-                let data = fetch_verified(&source, &id, len, attempts).await?;
-                crash::point("chunk-fetched");
-                let write_places = places.clone();
-                tokio::task::spawn_blocking(move || write_all_places(&file, &data, &write_places))
-                    .await
-                    .map_err(|e| WriteError::Task(e.to_string()))?
-                    .map_err(|source| WriteError::Io { slot: target, source })?;
+                let places = fetch_and_write(&source, &id, len, attempts, (&file, target, places), &phases).await?;
                 journal::log_download(&log, &id, source.label());
                 crash::point("chunk-written");
                 Ok::<_, WriteError>((len, places))
             });
         }
-        let Some(joined) = tasks.join_next().await else { break };
+        if tasks.is_empty() {
+            break;
+        }
+        let joined = tokio::select! {
+            synced = checkpoint_done(&mut in_flight) => {
+                in_flight = None;
+                let synced = synced.map_err(|e| WriteError::Task(e.to_string()))?.map_err(io)?;
+                read_back.advance(frontier.advance(plan.index, &synced));
+                continue;
+            }
+            joined = tasks.join_next() => joined,
+        };
+        let Some(joined) = joined else { break };
         match joined.map_err(|e| WriteError::Task(e.to_string())).and_then(|r| r) {
             Ok((len, places)) => {
                 for (i, _) in &places {
@@ -387,13 +537,12 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<ByteSources, WriteError> 
                 }
                 progress.bytes.local += copies;
                 since_checkpoint += fetched + copies;
-                if since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-                    let f = file.clone();
-                    tokio::task::spawn_blocking(move || f.sync_data())
-                        .await
-                        .map_err(|e| WriteError::Task(e.to_string()))?
-                        .map_err(io)?;
-                    progress.save(&plan.progress_path, &bits).map_err(io)?;
+                // One checkpoint at a time, beside the fetches.
+                if in_flight.is_none()
+                    && (since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL)
+                {
+                    let path = plan.progress_path.clone();
+                    in_flight = Some(checkpoint(file.clone(), progress.clone(), bits.clone(), path, phases.clone()));
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
                 }
@@ -406,28 +555,69 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<ByteSources, WriteError> 
         }
     }
     // Whatever happened, what was written and verified is synced and recorded.
-    let f = file.clone();
-    tokio::task::spawn_blocking(move || f.sync_data())
+    if let Some(h) = in_flight.take() {
+        h.await.map_err(|e| WriteError::Task(e.to_string()))?.map_err(io)?;
+    }
+    let path = plan.progress_path.clone();
+    let synced = checkpoint(file.clone(), progress.clone(), bits, path, phases.clone())
         .await
         .map_err(|e| WriteError::Task(e.to_string()))?
         .map_err(io)?;
-    progress.save(&plan.progress_path, &bits).map_err(io)?;
     outcome?;
-    Ok(progress.bytes)
+    read_back.advance(frontier.advance(plan.index, &synced));
+    let tail = Instant::now();
+    let sha256 = read_back.finish(plan.index.image_size()).await.map_err(io)?;
+    tracing::info!(
+        wall_ms = started.elapsed().as_millis() as u64,
+        tail_ms = tail.elapsed().as_millis() as u64,
+        fetch_ms = Phases::ms(&phases.fetch),
+        verify_ms = Phases::ms(&phases.verify),
+        write_ms = Phases::ms(&phases.write),
+        sync_ms = Phases::ms(&phases.sync),
+        hash_ms = Phases::ms(&phases.hash),
+        "install phases (busy time summed over parallel tasks)"
+    );
+    Ok(Written { bytes: progress.bytes, sha256 })
 }
 
-async fn fetch_verified(source: &ChunkSource, id: &ChunkId, len: u32, attempts: u32) -> Result<Vec<u8>, WriteError> {
+/// Fetches a chunk, verifies it and writes it at its places, retrying with backoff; decoding,
+/// verifying and writing share one blocking call. Returns the places.
+async fn fetch_and_write(
+    source: &ChunkSource,
+    id: &ChunkId,
+    len: u32,
+    attempts: u32,
+    (file, slot, places): (&Arc<File>, SlotName, Vec<(usize, u64)>),
+    phases: &Arc<Phases>,
+) -> Result<Vec<(usize, u64)>, WriteError> {
     let mut attempt = 0;
+    let mut places = places;
     loop {
         attempt += 1;
-        let last: Result<Vec<u8>, WriteError> = match source.fetch(id, len).await {
+        let t = Instant::now();
+        let fetched = source.fetch(id, len).await;
+        Phases::add(&phases.fetch, t);
+        let last: Result<(), WriteError> = match fetched {
             Ok(obj) => {
-                let id2 = *id;
-                match tokio::task::spawn_blocking(move || object::decode(&obj, &id2, len))
-                    .await
-                    .map_err(|e| WriteError::Task(e.to_string()))?
-                {
-                    Ok(data) => return Ok(data),
+                let (id2, ph, f) = (*id, phases.clone(), file.clone());
+                let (verified, back) = tokio::task::spawn_blocking(move || {
+                    let t = Instant::now();
+                    let data = match object::decode(&obj, &id2, len) {
+                        Ok(data) => data,
+                        Err(e) => return (Ok(Err(e)), places),
+                    };
+                    Phases::add(&ph.verify, t);
+                    crash::point("chunk-fetched");
+                    let t = Instant::now();
+                    let written = write_all_places(&f, &data, &places);
+                    Phases::add(&ph.write, t);
+                    (written.map(Ok), places)
+                })
+                .await
+                .map_err(|e| WriteError::Task(e.to_string()))?;
+                places = back;
+                match verified.map_err(|source| WriteError::Io { slot, source })? {
+                    Ok(()) => return Ok(places),
                     Err(source) => {
                         tracing::warn!(chunk = %id, attempt, error = %source, "chunk failed verification; dropped");
                         Err(WriteError::BadChunk { id: *id, attempts: attempt, source })
@@ -446,7 +636,7 @@ async fn fetch_verified(source: &ChunkSource, id: &ChunkId, len: u32, attempts: 
             Err(FetchError::Export(source)) => return Err(WriteError::ExportChunk { id: *id, source }),
         };
         if attempt >= attempts {
-            return last;
+            return last.map(|()| places);
         }
         tokio::time::sleep(backoff(attempt)).await;
     }

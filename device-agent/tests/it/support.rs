@@ -66,8 +66,13 @@ impl Drop for Coordinator {
 
 impl Coordinator {
     pub(crate) fn start() -> Self {
+        Self::start_bin(&workspace_bin("flotilla-coordinator"))
+    }
+
+    /// Starts the given coordinator binary (the install bench passes a release build).
+    pub(crate) fn start_bin(bin: &Path) -> Self {
         let data = tempfile::tempdir().expect("tmp");
-        let mut child = Command::new(workspace_bin("flotilla-coordinator"))
+        let mut child = Command::new(bin)
             .env("FLOTILLA_DATA_DIR", data.path())
             .env("FLOTILLA_LISTEN", "127.0.0.1:0")
             .env("FLOTILLA_ADMIN_TOKEN", ADMIN)
