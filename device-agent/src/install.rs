@@ -53,6 +53,19 @@ pub enum WriteError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The file system holding the slot (or the progress record) is full.
+    #[error(
+        "slot {slot}: no space left for the {size}-byte image ({source}); the active slot is untouched, \
+         and the install resumes at the next check once there is room"
+    )]
+    NoSpace {
+        /// The slot.
+        slot: SlotName,
+        /// The image size.
+        size: u64,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A chunk kept failing verification.
     #[error("chunk {id} failed verification {attempts} times ({source}); the content store serves bad data")]
     BadChunk {
@@ -90,6 +103,15 @@ pub enum WriteError {
 }
 
 impl WriteError {
+    /// An I/O error while writing `slot`, naming a full file system as such.
+    fn slot_io(slot: SlotName, size: u64, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::StorageFull {
+            Self::NoSpace { slot, size, source }
+        } else {
+            Self::Io { slot, source }
+        }
+    }
+
     /// Whether a later retry (next poll) can succeed without anything changing on the device.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable { source, .. } if source.is_transient())
@@ -378,7 +400,8 @@ fn active_map(
 /// [`WriteError`]; progress made so far stays recorded.
 pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
     let target = plan.target;
-    let io = move |source| WriteError::Io { slot: target, source };
+    let size = plan.index.image_size();
+    let io = move |source| WriteError::slot_io(target, size, source);
     let index_id = plan.index.id();
     let file = Arc::new(plan.slots.open_for_write(target, plan.index.image_size()).map_err(|e| match e {
         crate::slot::SlotError::Io { source, .. } => io(source),
@@ -505,7 +528,8 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
                 if let Some(cap) = &cap {
                     cap.take(u64::from(len)).await;
                 }
-                let places = fetch_and_write(&source, &id, len, attempts, (&file, target, places), &phases).await?;
+                let places =
+                    fetch_and_write(&source, &id, len, attempts, (&file, target, size, places), &phases).await?;
                 journal::log_download(&log, &id, source.label());
                 crash::point("chunk-written");
                 Ok::<_, WriteError>((len, places))
@@ -587,7 +611,7 @@ async fn fetch_and_write(
     id: &ChunkId,
     len: u32,
     attempts: u32,
-    (file, slot, places): (&Arc<File>, SlotName, Vec<(usize, u64)>),
+    (file, slot, size, places): (&Arc<File>, SlotName, u64, Vec<(usize, u64)>),
     phases: &Arc<Phases>,
 ) -> Result<Vec<(usize, u64)>, WriteError> {
     let mut attempt = 0;
@@ -616,7 +640,7 @@ async fn fetch_and_write(
                 .await
                 .map_err(|e| WriteError::Task(e.to_string()))?;
                 places = back;
-                match verified.map_err(|source| WriteError::Io { slot, source })? {
+                match verified.map_err(|source| WriteError::slot_io(slot, size, source))? {
                     Ok(()) => return Ok(places),
                     Err(source) => {
                         tracing::warn!(chunk = %id, attempt, error = %source, "chunk failed verification; dropped");

@@ -134,3 +134,85 @@ fn manifest_signed_by_an_unknown_key_is_refused() {
     assert!(dev.slot_image("b").is_empty(), "nothing was written");
     failed_reports(&publisher, r1["id"].as_i64().unwrap(), 1);
 }
+
+/// A tmpfs of a given size mounted on a directory; unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the full-disk test mounts a {size} tmpfs and needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .expect("run mount");
+        assert!(out.status.success(), "growing the tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_is_refused_and_the_install_resumes_once_there_is_room() {
+    let coord = Coordinator::start();
+    let publisher = Publisher::new(&coord);
+    let dev = Device::new(&coord, &publisher.path("root.json"), SlotKind::File, &DeviceOptions::default());
+    // Slot A lives on a 2 MiB file system; the 4 MiB v2 that goes there cannot fit.
+    let small = SmallFs::mount(&dev.path("small"), "2m");
+    let config = std::fs::read_to_string(dev.path("agent.toml")).unwrap();
+    let slot_a = dev.path("slot-a.img");
+    let config = config.replace(slot_a.to_str().unwrap(), dev.path("small/slot-a.img").to_str().unwrap());
+    std::fs::write(dev.path("agent.toml"), config).unwrap();
+
+    let v1 = image(71, 1 << 20);
+    std::fs::write(publisher.path("v1.img"), &v1).unwrap();
+    publisher.release("1.0.0", &publisher.path("v1.img"), &[]);
+    assert_eq!(dev.check_once()["slot"], "B");
+    assert_eq!(dev.boot_check().1["outcome"], "committed");
+    untouched(&dev, "B", &v1);
+
+    let mut v2 = v1.clone();
+    v2.extend(image(72, 3 << 20));
+    std::fs::write(publisher.path("v2.img"), &v2).unwrap();
+    let r2 = publisher.release("2.0.0", &publisher.path("v2.img"), &[]);
+    refused(&dev, &["check-once"], "slot A: no space left for the 4194304-byte image");
+    let st = dev.status();
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["last_error"].as_str().unwrap().contains("no space left"), "{st}");
+    assert_eq!(st["active_slot"], "B");
+    assert_eq!(dev.selected_slot(), "B", "the slot being written never became bootable");
+    assert_eq!(dev.slot_image("b"), v1, "the active slot is untouched");
+    failed_reports(&publisher, r2["id"].as_i64().unwrap(), 1);
+
+    // Still full: the next check fails the same way, cleanly.
+    refused(&dev, &["check-once"], "no space left");
+    untouched(&dev, "B", &v1);
+
+    // Room again: the next check resumes the install and no chunk is fetched twice.
+    small.resize("16m");
+    let out = dev.check_once();
+    assert_eq!((out["outcome"].as_str(), out["slot"].as_str()), (Some("staged"), Some("A")), "{out}");
+    let fetched = dev.downloads();
+    assert_eq!(fetched.iter().collect::<HashSet<_>>().len(), fetched.len(), "no chunk fetched twice");
+    assert_eq!(dev.boot_check().1["outcome"], "committed");
+    assert_eq!(std::fs::read(dev.path("small/slot-a.img")).unwrap(), v2);
+    assert_eq!(dev.status()["installed"]["version"], "2.0.0");
+}
