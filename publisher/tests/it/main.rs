@@ -3,4 +3,5 @@
 
 mod bad_input;
 mod flow;
+mod replicas;
 mod support;

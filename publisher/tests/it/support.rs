@@ -93,25 +93,33 @@ pub(crate) struct Coordinator {
     child: Child,
     pub(crate) url: String,
     pub(crate) admin: String,
+    pub(crate) data: PathBuf,
+    pub(crate) database_url: String,
     _dir: tempfile::TempDir,
 }
 
 impl Coordinator {
     pub(crate) fn start(engine: Engine) -> Self {
+        Self::start_with(engine, None, &[])
+    }
+
+    /// With an existing database (another replica's) and extra environment.
+    pub(crate) fn start_with(engine: Engine, database: Option<&str>, env: &[(&str, &Path)]) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("mkdir");
-        let mut child = Command::new(coordinator_bin())
-            .env("FLOTILLA_DATA_DIR", &data)
+        let db_url = database.map_or_else(|| database_url(engine, &data), str::to_owned);
+        let mut cmd = Command::new(coordinator_bin());
+        cmd.env("FLOTILLA_DATA_DIR", &data)
             .env("FLOTILLA_LISTEN", "127.0.0.1:0")
-            .env("DATABASE_URL", database_url(engine, &data))
+            .env("DATABASE_URL", &db_url)
             .env("RUST_LOG", "warn")
             .env_remove("FLOTILLA_CONFIG")
-            .env_remove("S3_BUCKET")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn coordinator");
+            .env_remove("S3_BUCKET");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn coordinator");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
         let url = line
@@ -119,8 +127,9 @@ impl Coordinator {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("coordinator did not start: {line:?}"))
             .to_owned();
-        let admin = std::fs::read_to_string(data.join("admin-token")).expect("admin token").trim().to_owned();
-        Self { child, url, admin, _dir: dir }
+        // A second replica on an existing database finds the admin token there and writes none.
+        let admin = std::fs::read_to_string(data.join("admin-token")).unwrap_or_default().trim().to_owned();
+        Self { child, url, admin, data, database_url: db_url, _dir: dir }
     }
 
     /// Number of chunk objects the coordinator does not have among `ids`.
@@ -132,6 +141,14 @@ impl Coordinator {
             Some(serde_json::json!({ "ids": ids })),
         );
         v["missing"].as_array().expect("missing list").len()
+    }
+}
+
+impl Coordinator {
+    /// Stops the process now (kill -9).
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
