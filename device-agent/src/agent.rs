@@ -262,6 +262,7 @@ pub struct Agent {
     queue: EventQueue,
     root: TrustRoot,
     device_id: String,
+    mesh: crate::peer::MeshSlot,
 }
 
 /// Holds the state directory lock while alive.
@@ -293,7 +294,8 @@ impl Agent {
         };
         let paths = Paths { dir: config.state_dir.clone() };
         let queue = EventQueue::new(&paths.events());
-        Ok(Self { config, paths, slots, boot, queue, root, device_id })
+        let mesh = crate::peer::MeshSlot::new(config.mesh.clone(), paths.dir.join("mesh.key"));
+        Ok(Self { config, paths, slots, boot, queue, root, device_id, mesh })
     }
 
     /// The state directory's files.
@@ -517,7 +519,7 @@ impl Agent {
             assignment: Some((offer.assignment.as_bytes(), nonce.as_str())),
             release_id: Some(offer.release_id),
             index: IndexFrom::Coordinator(c.clone(), offer.index.url.clone()),
-            chunks: ChunkSource::Coordinator(c.clone()),
+            chunks: self.mesh.source(c.clone()).await,
         };
         let result = self.install(j, source).await;
         match &result {
@@ -712,6 +714,14 @@ impl Agent {
         }
 
         let kept = j.installed.as_ref().and_then(|_| install::read_kept_index(&self.paths.slot_index(j.active)));
+        if let ChunkSource::Peer(p) = &src.chunks {
+            // Peers get this device's verified chunks: the active release and, as they are
+            // written, the new one's.
+            if let Some(k) = &kept {
+                p.serve(&self.slots, j.active, k);
+            }
+            p.serve(&self.slots, slot, &index);
+        }
         let plan = WritePlan {
             slots: &self.slots,
             target: slot,

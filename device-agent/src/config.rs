@@ -100,6 +100,9 @@ pub struct Config {
     /// Boot-health checks.
     #[serde(default)]
     pub health: HealthConfig,
+    /// Peer-to-peer chunk exchange (absent: off).
+    #[serde(default)]
+    pub mesh: crate::peer::MeshSettings,
 }
 
 /// A secret whose `Debug` never prints it.
@@ -358,6 +361,11 @@ impl Config {
         }
         if self.health.boot_attempts == 0 || self.health.boot_attempts > 100 {
             return invalid("health.boot_attempts", "between 1 and 100");
+        }
+        if self.mesh.enabled
+            && let Err((field, reason)) = self.mesh.addresses()
+        {
+            return invalid(field, &reason);
         }
         if let SlotsConfig::File { a, b } = &self.slots
             && a == b

@@ -125,6 +125,8 @@ pub enum ChunkSource {
     Coordinator(Coordinator),
     /// A `flotilla export` directory (`chunks/ab/<id>`).
     Export(PathBuf),
+    /// Peers over the mesh first, then the coordinator.
+    Peer(crate::peer::PeerFirst),
 }
 
 impl ChunkSource {
@@ -132,6 +134,7 @@ impl ChunkSource {
         let limit = object::max_object_len(len);
         match self {
             Self::Coordinator(c) => c.get_bounded(&format!("/v1/chunks/{id}"), limit).await.map_err(FetchError::Client),
+            Self::Peer(p) => p.fetch(id, len).await.map_err(FetchError::Client),
             Self::Export(dir) => {
                 let hex = id.to_hex();
                 let path = dir.join("chunks").join(&hex[..2]).join(&hex);
@@ -146,8 +149,16 @@ impl ChunkSource {
 
     fn label(&self) -> &'static str {
         match self {
-            Self::Coordinator(_) => "cdn",
+            Self::Coordinator(_) | Self::Peer(_) => "cdn",
             Self::Export(_) => "file",
+        }
+    }
+
+    /// Where the last fetch of `id` came from: `peer`, `cdn` or `file`.
+    fn label_for(&self, id: &ChunkId) -> &'static str {
+        match self {
+            Self::Peer(p) => p.source_of(id),
+            other => other.label(),
         }
     }
 }
@@ -505,7 +516,6 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut since_checkpoint = 0u64;
     let mut last_checkpoint = Instant::now();
-    let label = plan.source.label();
     let mut pending = todo.order.into_iter();
     let mut outcome: Result<(), WriteError> = Ok(());
     let mut in_flight = None;
@@ -530,9 +540,10 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
                 }
                 let places =
                     fetch_and_write(&source, &id, len, attempts, (&file, target, size, places), &phases).await?;
-                journal::log_download(&log, &id, source.label());
+                let from = source.label_for(&id);
+                journal::log_download(&log, &id, from);
                 crash::point("chunk-written");
-                Ok::<_, WriteError>((len, places))
+                Ok::<_, WriteError>((len, places, from))
             });
         }
         if tasks.is_empty() {
@@ -549,14 +560,15 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
         };
         let Some(joined) = joined else { break };
         match joined.map_err(|e| WriteError::Task(e.to_string())).and_then(|r| r) {
-            Ok((len, places)) => {
+            Ok((len, places, from)) => {
                 for (i, _) in &places {
                     journal::set_done(&mut bits, *i);
                 }
                 let fetched = u64::from(len);
                 let copies = fetched * (places.len() as u64 - 1);
-                match label {
+                match from {
                     "file" => progress.bytes.file += fetched,
+                    "peer" => progress.bytes.peer += fetched,
                     _ => progress.bytes.cdn += fetched,
                 }
                 progress.bytes.local += copies;

@@ -22,6 +22,7 @@
 //! - [`health`]: boot-health checks.
 //! - [`events`]: the on-disk event queue.
 //! - [`client`]: the coordinator's device API.
+//! - [`peer`]: peer-first chunk fetching over the mesh, and what the device serves.
 //! - [`crash`]: named crash points for power-cut tests.
 //!
 //! # Example
@@ -48,4 +49,5 @@ pub mod events;
 pub mod health;
 pub mod install;
 pub mod journal;
+pub mod peer;
 pub mod slot;

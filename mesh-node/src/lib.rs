@@ -41,6 +41,7 @@ pub mod protocol;
 pub mod rendezvous;
 pub mod store;
 
+pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::{Fetched, MAX_IN_FLIGHT_PER_PEER, Mesh, MeshConfig, MeshError, MeshStats, PeerInfo, Role};
 pub use rendezvous::fetcher_for;

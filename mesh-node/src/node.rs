@@ -685,6 +685,8 @@ impl MeshActor {
 
     fn finish(&mut self, id: OutboundRequestId, answer: Answer) {
         let Some(p) = self.pending.remove(&id) else { return };
+        // Whatever a banned peer still had in flight is dropped unread.
+        let answer = if self.banned.contains_key(&p.peer) { Answer::Failed } else { answer };
         if let Some(s) = self.peers.get_mut(&p.peer) {
             s.in_flight = s.in_flight.saturating_sub(1);
             match &answer {

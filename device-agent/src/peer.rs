@@ -1,0 +1,339 @@
+//! Peer-first chunk fetching: ask the mesh, then the CDN.
+//!
+//! With `[mesh] enabled = true` the agent runs a `flotilla-mesh` node (role agent) for as
+//! long as it lives. For each missing chunk the install asks connected peers first (the mesh
+//! verifies what they send and bans a peer that sends a bad chunk). When no peer has the
+//! chunk, the interested agents agree by rendezvous hashing on one of them to fetch it from
+//! the CDN; the others keep asking peers until [`MeshSettings::deadline`] passes and only then
+//! go to the CDN themselves, so a site pulls each chunk from the origin about once.
+//!
+//! The node serves the chunks of this device's slots straight from the slot files through
+//! the indexes of verified releases (no second copy): the active slot's release, and the
+//! release being installed, whose chunks are served as soon as they are written. Every
+//! chunk is hashed in place before it is served, so a chunk not yet written (or damaged) is
+//! never sent.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_core::ids::ChunkId;
+use flotilla_core::index::ChunkIndex;
+use flotilla_core::object;
+use flotilla_mesh::{ChunkProvider, Mesh, MeshConfig, MeshError, Multiaddr, Role};
+use serde::Deserialize;
+use tokio::sync::OnceCell;
+
+use crate::client::{ClientError, Coordinator};
+use crate::slot::{SlotName, Slots};
+
+/// Between two rounds of asking peers for a chunk that another agent fetches from the CDN.
+const PEER_RETRY: Duration = Duration::from_millis(200);
+/// Longest wait at start for the bootstrap peers (or, with mDNS, a first peer) to connect;
+/// also bounded by the deadline.
+const CONNECT_WAIT: Duration = Duration::from_secs(3);
+/// With mDNS, discovery is taken as complete when no new peer appeared for this long.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// The `[mesh]` section of the agent config. Absent: the mesh is off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSettings {
+    /// Fetch from and serve to peers (default false).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Listen addresses (default `/ip4/0.0.0.0/tcp/0`: every IPv4 address, any port).
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// Peers to connect to at start and stay connected to (site caches), each ending in
+    /// `/p2p/<peer id>`.
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    /// Discover peers on the local network with mDNS (default true).
+    #[serde(default = "yes")]
+    pub mdns: bool,
+    /// How long to wait for peers to get a chunk nobody has yet before fetching it from the
+    /// CDN (default 30 s). Also bounds the wait for bootstrap peers at start.
+    #[serde(default = "default_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: default_listen(),
+            bootstrap: Vec::new(),
+            mdns: true,
+            deadline: default_deadline(),
+        }
+    }
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["/ip4/0.0.0.0/tcp/0".into()]
+}
+fn yes() -> bool {
+    true
+}
+fn default_deadline() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl MeshSettings {
+    /// Checks the addresses; returns (listen, bootstrap).
+    ///
+    /// # Errors
+    /// The field and address that does not parse.
+    pub fn addresses(&self) -> Result<(Vec<Multiaddr>, Vec<Multiaddr>), (&'static str, String)> {
+        let parse = |field: &'static str, list: &[String]| {
+            list.iter()
+                .map(|a| a.parse::<Multiaddr>().map_err(|e| (field, format!("{a:?}: {e}"))))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let listen = parse("mesh.listen", &self.listen)?;
+        let bootstrap = parse("mesh.bootstrap", &self.bootstrap)?;
+        if let Some(a) = bootstrap.iter().find(|a| !a.iter().any(|p| matches!(p, flotilla_mesh::Protocol::P2p(_)))) {
+            return Err(("mesh.bootstrap", format!("{a} does not end in /p2p/<peer id>")));
+        }
+        Ok((listen, bootstrap))
+    }
+}
+
+/// What the agent's node serves: chunks of its slots, through verified releases' indexes.
+#[derive(Debug, Default)]
+pub struct SlotChunks {
+    // A std Mutex: held only to look up or replace the maps, never across I/O.
+    slots: Mutex<Vec<(PathBuf, Arc<Placements>)>>,
+}
+
+/// Where each chunk of a slot's image is: id → (offset, length).
+type Placements = HashMap<ChunkId, (u64, u32)>;
+
+impl SlotChunks {
+    /// Serves `index`'s chunks from the image file `path` (replacing what was served from it).
+    pub fn serve(&self, path: PathBuf, index: &ChunkIndex) {
+        let mut map = HashMap::new();
+        for (offset, e) in index.iter_with_offsets() {
+            map.entry(e.id).or_insert((offset, e.len));
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|(p, _)| *p != path);
+        slots.push((path, Arc::new(map)));
+    }
+}
+
+impl ChunkProvider for SlotChunks {
+    fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (path, map) in slots {
+            let Some(&(offset, l)) = map.get(id).filter(|(_, l)| *l == len) else { continue };
+            let Ok(f) = std::fs::File::open(&path) else { continue };
+            let mut obj = vec![0u8; l as usize + 1];
+            obj[0] = object::FLAG_RAW;
+            // Hashed in place: a chunk not written yet, or damaged, is not served.
+            if f.read_exact_at(&mut obj[1..], offset).is_ok() && ChunkId::of(&obj[1..]) == *id {
+                return Some(obj);
+            }
+        }
+        None
+    }
+}
+
+/// The running mesh of an agent, started on first use.
+#[derive(Debug)]
+pub struct MeshSlot {
+    settings: MeshSettings,
+    key_path: PathBuf,
+    node: OnceCell<Option<(Mesh, Arc<SlotChunks>)>>,
+}
+
+impl MeshSlot {
+    /// A mesh to start on first use with `settings`; the node's identity is kept in
+    /// `key_path`.
+    pub fn new(settings: MeshSettings, key_path: PathBuf) -> Self {
+        Self { settings, key_path, node: OnceCell::new() }
+    }
+
+    async fn node(&self) -> Option<&(Mesh, Arc<SlotChunks>)> {
+        if !self.settings.enabled {
+            return None;
+        }
+        self.node
+            .get_or_init(|| async {
+                match self.start().await {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mesh not started; fetching from the CDN only");
+                        None
+                    }
+                }
+            })
+            .await
+            .as_ref()
+    }
+
+    async fn start(&self) -> Result<(Mesh, Arc<SlotChunks>), String> {
+        let (listen, bootstrap) = self.settings.addresses().map_err(|(f, m)| format!("{f}: {m}"))?;
+        let mut config = MeshConfig::new(Role::Agent);
+        config.listen = listen;
+        config.bootstrap = bootstrap;
+        config.mdns = self.settings.mdns;
+        config.keypair = Some(flotilla_mesh::cache::load_or_create_key(&self.key_path).map_err(|e| e.to_string())?);
+        let provider = Arc::new(SlotChunks::default());
+        let mesh = Mesh::start(config, provider.clone()).await.map_err(|e| e.to_string())?;
+        // Origin rendezvous needs the site's agents to see the same peers: give bootstrap
+        // peers and mDNS a moment to connect before the first chunk is asked for.
+        let identified = |p: &[flotilla_mesh::PeerInfo]| p.iter().filter(|p| p.role.is_some()).count();
+        let limit = CONNECT_WAIT.min(self.settings.deadline);
+        let want = self.settings.bootstrap.len().max(usize::from(self.settings.mdns));
+        let mut seen = identified(&mesh.wait_for_peers(want, limit).await.map_err(|e| e.to_string())?);
+        if self.settings.mdns && seen > 0 {
+            // Discovery answers arrive together; wait until the count stops growing.
+            loop {
+                let now = identified(&mesh.wait_for_peers(seen + 1, SETTLE).await.map_err(|e| e.to_string())?);
+                if now <= seen {
+                    break;
+                }
+                seen = now;
+            }
+        }
+        tracing::info!(peer_id = %mesh.peer_id(), peers = seen, "mesh started");
+        Ok((mesh, provider))
+    }
+
+    /// The chunk source for an install: peers first when the mesh runs, else `cdn` alone.
+    pub async fn source(&self, cdn: Coordinator) -> crate::install::ChunkSource {
+        match self.node().await {
+            Some((mesh, provider)) => crate::install::ChunkSource::Peer(PeerFirst {
+                mesh: mesh.clone(),
+                provider: provider.clone(),
+                cdn,
+                deadline: self.settings.deadline,
+                sources: Arc::default(),
+            }),
+            None => crate::install::ChunkSource::Coordinator(cdn),
+        }
+    }
+}
+
+/// Peers first, then the CDN; see the module docs.
+#[derive(Debug, Clone)]
+pub struct PeerFirst {
+    mesh: Mesh,
+    provider: Arc<SlotChunks>,
+    cdn: Coordinator,
+    deadline: Duration,
+    /// Where each chunk fetched came from, until the install reads it.
+    sources: Arc<Mutex<HashMap<ChunkId, &'static str>>>,
+}
+
+impl PeerFirst {
+    /// Serves the chunks of `slot` (an install target or the active slot) through `index`.
+    pub fn serve(&self, slots: &Slots, slot: SlotName, index: &ChunkIndex) {
+        self.provider.serve(slots.image_path(slot), index);
+    }
+
+    /// The object of `id`: from a peer (verified by the mesh), else from the CDN.
+    ///
+    /// # Errors
+    /// The CDN's [`ClientError`].
+    pub(crate) async fn fetch(&self, id: &ChunkId, len: u32) -> Result<Vec<u8>, ClientError> {
+        let started = Instant::now();
+        loop {
+            match self.mesh.fetch(*id, len).await {
+                Ok(f) => {
+                    self.record(id, "peer");
+                    return Ok(f.object);
+                }
+                Err(MeshError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "mesh unavailable; using the CDN");
+                    break;
+                }
+            }
+            if started.elapsed() >= self.deadline || self.is_origin_fetcher(id).await {
+                break;
+            }
+            tokio::time::sleep(PEER_RETRY.min(self.deadline.saturating_sub(started.elapsed()))).await;
+        }
+        self.record(id, "cdn");
+        self.cdn.get_bounded(&format!("/v1/chunks/{id}"), object::max_object_len(len)).await
+    }
+
+    /// Whether this agent is the one of its site to fetch `id` from the origin.
+    async fn is_origin_fetcher(&self, id: &ChunkId) -> bool {
+        let me = self.mesh.peer_id();
+        let Ok(peers) = self.mesh.peers().await else { return true };
+        let agents: Vec<flotilla_mesh::PeerId> =
+            peers.iter().filter(|p| p.role == Some(Role::Agent)).map(|p| p.id).chain([me]).collect();
+        flotilla_mesh::fetcher_for(id, &agents) == Some(me)
+    }
+
+    fn record(&self, id: &ChunkId, source: &'static str) {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, source);
+    }
+
+    /// Where the last fetch of `id` came from (`peer` or `cdn`).
+    pub(crate) fn source_of(&self, id: &ChunkId) -> &'static str {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner()).remove(id).unwrap_or("cdn")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_and_check_addresses() {
+        let s: MeshSettings = toml::from_str(
+            "enabled = true\nbootstrap = [\"/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWRrxVnnhY4QnXuqXbqm2bnVRs6ijTbKvZVfn3bRiBYHhr\"]\ndeadline = \"5s\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.deadline, Duration::from_secs(5));
+        assert!(s.mdns);
+        let (listen, boot) = s.addresses().unwrap();
+        assert_eq!((listen.len(), boot.len()), (1, 1));
+        let bad = MeshSettings { bootstrap: vec!["/ip4/10.0.0.2/tcp/4001".into()], ..MeshSettings::default() };
+        assert_eq!(bad.addresses().unwrap_err().0, "mesh.bootstrap");
+    }
+
+    #[test]
+    fn slot_chunks_serve_only_what_hashes_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..300_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 29) as u8
+            })
+            .collect();
+        let index = flotilla_core::chunking::Chunker::new(flotilla_core::chunking::ChunkParams::BUNDLE)
+            .chunk_reader(&data[..])
+            .unwrap()
+            .index;
+        let path = dir.path().join("slot.img");
+        // Half written: the first half holds data, the rest zeros.
+        let mut partial = data.clone();
+        partial[150_000..].fill(0);
+        std::fs::write(&path, &partial).unwrap();
+        let p = SlotChunks::default();
+        p.serve(path, &index);
+        let (mut served, mut refused) = (0, 0);
+        for (offset, e) in index.iter_with_offsets() {
+            match p.object(&e.id, e.len) {
+                Some(obj) => {
+                    assert_eq!(object::decode(&obj, &e.id, e.len).unwrap(), data[offset as usize..][..e.len as usize]);
+                    served += 1;
+                }
+                None => refused += 1,
+            }
+        }
+        assert!(served > 0 && refused > 0, "served {served}, refused {refused}");
+        assert_eq!(p.object(&ChunkId::of(b"unknown"), 7), None);
+    }
+}

@@ -1,0 +1,99 @@
+//! On loopback, with static bootstrap peers: a site cache serving an imported export to
+//! three agents, a malicious cache, and an agent on its own.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+/// Liveness bound of one install (not a timing assertion).
+const INSTALL_LIMIT: Duration = Duration::from_secs(180);
+
+/// A coordinator with one published 100 % release of `len` bytes, exported to a directory.
+struct Site {
+    coord: Coordinator,
+    publisher: Publisher,
+    image: Vec<u8>,
+    export: std::path::PathBuf,
+}
+
+fn site(seed: u64, len: usize) -> Site {
+    let coord = Coordinator::start();
+    let publisher = Publisher::new(&coord);
+    let image = image(seed, len);
+    std::fs::write(publisher.path("v1.img"), &image).unwrap();
+    let id = publisher.release("1.0.0", &publisher.path("v1.img"));
+    let export = publisher.path("export");
+    publisher.export(id, &export);
+    Site { coord, publisher, image, export }
+}
+
+fn bytes(report: &serde_json::Value, source: &str) -> u64 {
+    report["bytes"][source].as_u64().unwrap_or_else(|| panic!("bytes.{source} in {report}"))
+}
+
+#[test]
+fn three_agents_install_from_a_site_cache_and_the_origin_serves_little() {
+    let s = site(21, 6 << 20);
+    let root = s.publisher.path("root.json");
+    let cache = SiteCache::start(&root, &s.export, false);
+    let origin_before = s.coord.bytes_served();
+
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::new(&s.coord, &root, &format!("dev-{i}"), std::slice::from_ref(&cache.addr), "1h"))
+        .collect();
+    let children: Vec<_> = agents.iter().map(Agent::spawn_check).collect();
+    for (agent, child) in agents.iter().zip(children) {
+        let (report, log) = finish(child, INSTALL_LIMIT);
+        assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+        assert_eq!(agent.slot("b"), s.image, "the slot holds the published image");
+        assert_eq!(bytes(&report, "peer"), s.image.len() as u64, "every byte came from the cache: {report}\n{log}");
+        assert_eq!(bytes(&report, "cdn"), 0, "{report}");
+    }
+    let origin = s.coord.bytes_served() - origin_before;
+    // Only the three indexes came from the origin.
+    assert!(origin < s.image.len() as u64 / 10, "the origin served {origin} B for 3 × {} B", s.image.len());
+    let served = wait_for("the cache's counters", Duration::from_secs(10), || {
+        cache.stat("served_bytes").filter(|b| *b > 0).and(cache.stat("served_chunks"))
+    });
+    assert!(served > 0);
+}
+
+#[test]
+fn a_corrupting_peer_is_banned_and_every_agent_still_installs_the_right_bytes() {
+    let s = site(22, 3 << 20);
+    let root = s.publisher.path("root.json");
+    let bad = SiteCache::start(&root, &s.export, true);
+    let good = SiteCache::start(&root, &s.export, false);
+
+    let peers = [bad.addr.clone(), good.addr.clone()];
+    let agents: Vec<Agent> = (0..3).map(|i| Agent::new(&s.coord, &root, &format!("dev-{i}"), &peers, "1h")).collect();
+    let children: Vec<_> = agents.iter().map(Agent::spawn_check).collect();
+    for (agent, child) in agents.iter().zip(children) {
+        let (report, log) = finish(child, INSTALL_LIMIT);
+        assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+        assert_eq!(agent.slot("b"), s.image, "the slot holds the published image, not the corrupted chunks");
+        assert!(log.contains("peer sent a bad chunk") && log.contains("peer banned"), "no ban logged:\n{log}");
+        assert_eq!(bytes(&report, "peer") + bytes(&report, "cdn"), s.image.len() as u64, "{report}");
+    }
+    // Each agent banned the corrupting cache at its first bad chunk: beyond that, only the
+    // requests already in flight to it (at most 3 per agent) were answered.
+    let tried = wait_for("the bad cache's counters", Duration::from_secs(10), || bad.stat("served_chunks"));
+    let limit = 3 * flotilla_mesh::MAX_IN_FLIGHT_PER_PEER as u64;
+    assert!((1..=limit).contains(&tried), "the corrupting cache served {tried} chunks to 3 agents");
+}
+
+#[test]
+fn an_agent_without_peers_falls_back_to_the_cdn() {
+    let s = site(23, 2 << 20);
+    let root = s.publisher.path("root.json");
+    // A bootstrap peer that is not there. The deadline is long: a device alone is its own
+    // origin fetcher for every chunk and must not wait for it (the install's liveness bound
+    // is far shorter than the deadline).
+    let nobody = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRrxVnnhY4QnXuqXbqm2bnVRs6ijTbKvZVfn3bRiBYHhr".to_owned();
+    let agent = Agent::new(&s.coord, &root, "alone", &[nobody], "1h");
+    let (report, log) = finish(agent.spawn_check(), INSTALL_LIMIT);
+    assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+    assert_eq!(agent.slot("b"), s.image);
+    assert_eq!(bytes(&report, "peer"), 0, "{report}");
+    assert_eq!(bytes(&report, "cdn"), s.image.len() as u64, "{report}");
+}
