@@ -157,6 +157,16 @@ pub fn decode_into(
 mod tests {
     use super::*;
 
+    /// A frame within the window bound that inflates past the declared length is cut off one
+    /// byte past it, not decompressed in full.
+    #[test]
+    fn small_window_bomb_stops_at_the_length() {
+        let len = 64 << 10;
+        let bomb = encode(&vec![0u8; len as usize + (32 << 10)], DEFAULT_LEVEL);
+        let err = decode(&bomb, &ChunkId::from_bytes([0; 32]), len).expect_err("refused");
+        assert!(matches!(err, ObjectError::DecompressesPastLength { limit } if limit == len), "{err:?}");
+    }
+
     /// Found by the `chunk_object` fuzz target: a 21-byte frame declaring a 128 MiB window and
     /// no content size must be refused, not decoded with a 128 MiB buffer.
     #[test]

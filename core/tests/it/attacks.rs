@@ -201,7 +201,17 @@ attack!(
     Rejected::Manifest(ManifestError::IndexMismatch { .. })
 );
 attack!(index_truncated_is_rejected, "index-truncated", Rejected::Manifest(ManifestError::IndexSizeMismatch { .. }));
-attack!(chunk_zip_bomb_is_rejected, "chunk-zip-bomb", Rejected::Object(ObjectError::DecompressesPastLength { .. }));
+/// The bomb's frame declares a window far larger than the chunk, so the decoder refuses it
+/// before allocating anything (a bomb with a small window is stopped at the declared length
+/// instead: `object::tests::small_window_bomb_stops_at_the_length`).
+#[test]
+fn chunk_zip_bomb_is_rejected() {
+    let err = check("chunk-zip-bomb").expect_err("fixture chunk-zip-bomb was accepted");
+    assert!(
+        matches!(&err, Rejected::Object(ObjectError::Corrupt(e)) if e.to_string().contains("too much memory")),
+        "fixture chunk-zip-bomb: wrong rejection {err:?}"
+    );
+}
 attack!(chunk_hash_swapped_is_rejected, "chunk-hash-swapped", Rejected::Object(ObjectError::IdMismatch { .. }));
 attack!(
     assignment_hash_mismatch_is_rejected,

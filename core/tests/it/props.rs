@@ -108,13 +108,17 @@ proptest! {
             .filter(|(_, e)| !old.contains(&e.id))
             .map(|(o, e)| (o, e.len))
             .collect();
-        // FastCDC resynchronises within a chunk or two of the edit: the new chunks all lie
-        // in a window of a few max-size chunks around it, and they are few.
-        prop_assert!(new_chunks.len() <= 4, "{} new chunks for one edit", new_chunks.len());
-        let window = 3 * u64::from(SMALL.max);
-        for (o, len) in new_chunks {
-            prop_assert!(o + u64::from(len) + window >= pos as u64 && o <= pos as u64 + window,
-                "new chunk at {o}+{len} is far from the edit at {pos}");
+        // FastCDC resynchronises soon after the edit, but not always at once: a cut is found
+        // only `min` bytes past the previous one, so a shifted cut can stay out of phase for a
+        // few chunks (a seed in proptest-regressions/props.txt takes 8). The new chunks form
+        // one run that starts at the chunk holding the edit and ends at a resync.
+        prop_assert!(new_chunks.len() <= 16, "{} new chunks for one edit at {pos}", new_chunks.len());
+        for pair in new_chunks.windows(2) {
+            prop_assert_eq!(pair[0].0 + u64::from(pair[0].1), pair[1].0, "new chunks are one run: {:?}", new_chunks);
+        }
+        if let Some(&(first, _)) = new_chunks.first() {
+            prop_assert!(first <= pos as u64 && pos as u64 - first < u64::from(SMALL.max),
+                "the run starts at the chunk holding the edit at {pos}: {:?}", new_chunks);
         }
     }
 
