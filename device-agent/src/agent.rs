@@ -984,6 +984,10 @@ impl Agent {
     /// The daemon: checks every poll interval (plus jitter) until `shutdown` resolves.
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        if let Ok(j) = self.journal() {
+            let kept = j.installed.as_ref().and_then(|_| install::read_kept_index(&self.paths.slot_index(j.active)));
+            self.mesh.serve_installed(&self.slots, j.active, kept.as_ref()).await;
+        }
         loop {
             match self.check_once().await {
                 Ok(report) => tracing::info!(?report, "update check done"),

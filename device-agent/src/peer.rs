@@ -204,6 +204,14 @@ impl MeshSlot {
         Ok((mesh, provider))
     }
 
+    /// Starts the node (when enabled) and serves the installed release from the active slot:
+    /// a daemon serves its peers even while it has nothing to install itself.
+    pub async fn serve_installed(&self, slots: &Slots, active: SlotName, index: Option<&ChunkIndex>) {
+        if let (Some((_, provider)), Some(index)) = (self.node().await, index) {
+            provider.serve(slots.image_path(active), index);
+        }
+    }
+
     /// The chunk source for an install: peers first when the mesh runs, else `cdn` alone.
     pub async fn source(&self, cdn: Coordinator) -> crate::install::ChunkSource {
         match self.node().await {

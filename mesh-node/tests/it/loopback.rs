@@ -97,3 +97,73 @@ fn an_agent_without_peers_falls_back_to_the_cdn() {
     assert_eq!(bytes(&report, "peer"), 0, "{report}");
     assert_eq!(bytes(&report, "cdn"), s.image.len() as u64, "{report}");
 }
+
+/// A free loopback TCP port (released again; the agent binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A daemon agent that installs the release alone from the CDN, then stays up serving it
+/// on `127.0.0.1:<port>`; returns it, its process and its address.
+fn seeded_daemon(s: &Site, id: &str) -> (Agent, std::process::Child, String) {
+    let root = s.publisher.path("root.json");
+    let port = free_port();
+    let mesh = format!("enabled = true\nmdns = false\nlisten = [\"/ip4/127.0.0.1/tcp/{port}\"]\ndeadline = \"1h\"\n");
+    let agent = Agent::with_mesh(&s.coord, &root, id, &mesh);
+    let child = agent.spawn_run(None);
+    wait_for("the seed to stage the release", INSTALL_LIMIT, || (agent.status()["state"] == "staged").then_some(()));
+    assert_eq!(agent.slot("b"), s.image);
+    let peer_id = wait_for("the seed's peer id in its log", Duration::from_secs(10), || {
+        let log = agent.log();
+        let at = log.find("peer_id=")? + "peer_id=".len();
+        Some(log[at..].split_whitespace().next()?.to_owned())
+    });
+    (agent, child, format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"))
+}
+
+#[test]
+fn a_device_that_installed_a_release_serves_it_to_a_late_comer() {
+    let s = site(24, 3 << 20);
+    let (_seed, mut seed_process, addr) = seeded_daemon(&s, "seed");
+    let origin_before = s.coord.bytes_served();
+
+    let late = Agent::new(&s.coord, &s.publisher.path("root.json"), "late", &[addr], "1h");
+    let (report, log) = finish(late.spawn_check(), INSTALL_LIMIT);
+    let _ = seed_process.kill();
+    let _ = seed_process.wait();
+    assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+    assert_eq!(late.slot("b"), s.image);
+    assert_eq!(bytes(&report, "peer"), s.image.len() as u64, "{report}\n{log}");
+    assert!(s.coord.bytes_served() - origin_before < s.image.len() as u64 / 10, "only the index came from the origin");
+}
+
+#[test]
+fn a_peer_killed_mid_transfer_leaves_the_others_to_finish() {
+    let s = site(25, 4 << 20);
+    let (_seed, mut seed_process, addr) = seeded_daemon(&s, "seed");
+
+    // The late-comer is slowed down so the seed can be killed while it downloads.
+    let root = s.publisher.path("root.json");
+    let late = Agent::new(&s.coord, &root, "late", &[addr], "1h");
+    let config = late.dir.path().join("agent.toml");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("[device_id]", "max_download_rate = 1000000\n[device_id]");
+    std::fs::write(&config, text).unwrap();
+    let child = late.spawn_check();
+    let downloads = late.dir.path().join("state/downloads.log");
+    wait_for("a few chunks from the seed", INSTALL_LIMIT, || {
+        let n = std::fs::read_to_string(&downloads).unwrap_or_default().lines().filter(|l| l.contains("peer")).count();
+        (n >= 3).then_some(())
+    });
+    let _ = seed_process.kill();
+    let _ = seed_process.wait();
+
+    let (report, log) = finish(child, INSTALL_LIMIT);
+    assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+    assert_eq!(late.slot("b"), s.image, "the install finished with the right bytes");
+    assert!(
+        bytes(&report, "peer") > 0 && bytes(&report, "cdn") > 0,
+        "some from the seed, the rest from the CDN: {report}"
+    );
+    assert_eq!(bytes(&report, "peer") + bytes(&report, "cdn"), s.image.len() as u64, "{report}");
+}

@@ -30,6 +30,11 @@ impl Net {
     fn new() -> Self {
         let n = std::process::id() % 250;
         let net = Self { tag: format!("fl{n}"), subnet: format!("10.213.{n}"), hosts: Vec::new() };
+        // Leftovers of a run that was killed before it could clean up.
+        for k in 0..=255 {
+            let _ = Command::new("ip").args(["netns", "del", &format!("{}h{k}", net.tag)]).output();
+        }
+        let _ = Command::new("ip").args(["link", "del", &net.bridge()]).output();
         ip(&["link", "add", &net.bridge(), "type", "bridge"]);
         // mDNS is multicast: let the bridge flood it rather than snoop on IGMP.
         std::fs::write(format!("/sys/class/net/{}/bridge/multicast_snooping", net.bridge()), "0")

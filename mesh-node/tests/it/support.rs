@@ -334,6 +334,7 @@ impl Agent {
             .arg(self.dir.path().join("agent.toml"))
             .arg("run")
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
