@@ -65,6 +65,9 @@ struct Cli {
     /// Rollout evaluator interval, e.g. 30m or 5s.
     #[arg(long, env = "FLOTILLA_EVALUATOR_INTERVAL", value_parser = humantime::parse_duration)]
     evaluator_interval: Option<std::time::Duration>,
+    /// How long one replica holds the evaluator, e.g. 90s (default: three intervals, ≥ 30 s).
+    #[arg(long, env = "FLOTILLA_EVALUATOR_LEASE", value_parser = humantime::parse_duration)]
+    evaluator_lease: Option<std::time::Duration>,
     /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -129,6 +132,9 @@ async fn main() -> anyhow::Result<()> {
     config.open_enrollment |= cli.open_enrollment;
     if let Some(i) = cli.evaluator_interval {
         config.evaluator_interval = i;
+    }
+    if cli.evaluator_lease.is_some() {
+        config.evaluator_lease = cli.evaluator_lease;
     }
     let listen = config.listen;
     let state = flotilla_coordinator::server::build_state(config).await.context("starting the coordinator")?;
