@@ -58,6 +58,9 @@ pub struct MeshSettings {
     /// CDN (default 30 s). Also bounds the wait for bootstrap peers at start.
     #[serde(default = "default_deadline", with = "humantime_serde")]
     pub deadline: Duration,
+    /// Upload budget to peers in bytes per second (default: unlimited).
+    #[serde(default)]
+    pub max_upload_rate: Option<u64>,
 }
 
 impl Default for MeshSettings {
@@ -68,6 +71,7 @@ impl Default for MeshSettings {
             bootstrap: Vec::new(),
             mdns: true,
             deadline: default_deadline(),
+            max_upload_rate: None,
         }
     }
 }
@@ -181,6 +185,7 @@ impl MeshSlot {
         config.listen = listen;
         config.bootstrap = bootstrap;
         config.mdns = self.settings.mdns;
+        config.max_upload_rate = self.settings.max_upload_rate;
         config.keypair = Some(flotilla_mesh::cache::load_or_create_key(&self.key_path).map_err(|e| e.to_string())?);
         let provider = Arc::new(SlotChunks::default());
         let mesh = Mesh::start(config, provider.clone()).await.map_err(|e| e.to_string())?;

@@ -126,18 +126,37 @@ pub struct ServeOptions {
     pub import: Vec<PathBuf>,
     /// How often the counters are printed.
     pub stats_every: Duration,
-    /// Test only: flip a bit in every object served (a malicious peer).
-    pub corrupt: bool,
+    /// Upload budget in bytes per second over all peers; `None`: unlimited.
+    pub max_upload_rate: Option<u64>,
+    /// Test only: serve bad chunks (a malicious peer).
+    pub corrupt: Option<Corruption>,
 }
 
-/// Serves flips one bit of every object: the test double of a malicious peer.
-struct Corrupting(Arc<DiskStore>);
+/// How a malicious test peer lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Corruption {
+    /// Flips one bit of every object it serves.
+    Flip,
+    /// Serves a well-formed object of the right length with other content (a wrong chunk).
+    Wrong,
+}
+
+/// The test double of a malicious peer.
+struct Corrupting(Arc<DiskStore>, Corruption);
 
 impl ChunkProvider for Corrupting {
     fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
         let mut obj = self.0.object(id, len)?;
-        if let Some(last) = obj.last_mut() {
-            *last ^= 0x01;
+        match self.1 {
+            Corruption::Flip => {
+                if let Some(last) = obj.last_mut() {
+                    *last ^= 0x01;
+                }
+            }
+            Corruption::Wrong => {
+                obj = vec![0u8; len as usize + 1];
+                obj[0] = flotilla_core::object::FLAG_RAW;
+            }
         }
         Some(obj)
     }
@@ -165,8 +184,11 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     config.mdns = opts.mdns;
     config.trust_root = Some(root);
     config.keypair = Some(key);
-    let provider: Arc<dyn ChunkProvider> =
-        if opts.corrupt { Arc::new(Corrupting(store.clone())) } else { store.clone() };
+    config.max_upload_rate = opts.max_upload_rate;
+    let provider: Arc<dyn ChunkProvider> = match opts.corrupt {
+        Some(how) => Arc::new(Corrupting(store.clone(), how)),
+        None => store.clone(),
+    };
     let mesh = Mesh::start(config, provider).await?;
     for addr in mesh.listen_addrs().await? {
         println!("listening on {addr}");

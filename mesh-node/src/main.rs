@@ -54,9 +54,12 @@ enum Command {
         /// How often to print the counters.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         stats_every: Duration,
-        /// Tests only: corrupt every chunk served.
+        /// Upload budget in bytes per second over all peers (default: unlimited).
+        #[arg(long, env = "FLOTILLA_MESH_MAX_UPLOAD_RATE")]
+        max_upload_rate: Option<u64>,
+        /// Tests only: serve bad chunks.
         #[arg(long, hide = true, env = "FLOTILLA_MESH_TEST_CORRUPT")]
-        test_corrupt: bool,
+        test_corrupt: Option<cache::Corruption>,
     },
     /// Import a `flotilla export` directory or .tar into the store.
     Import {
@@ -75,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Serve { store, listen, bootstrap, no_mdns, import, stats_every, test_corrupt } => {
+        Command::Serve { store, listen, bootstrap, no_mdns, import, stats_every, max_upload_rate, test_corrupt } => {
             let opts = ServeOptions {
                 store: store.store,
                 max_bytes: store.max_bytes,
@@ -85,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
                 mdns: !no_mdns,
                 import,
                 stats_every,
+                max_upload_rate,
                 corrupt: test_corrupt,
             };
             cache::serve(opts, shutdown_signal()).await.context("serving")?;

@@ -87,6 +87,11 @@ pub struct MeshConfig {
     pub max_connections: u32,
     /// Chunks served at once; further requests are answered `Busy`.
     pub max_uploads: usize,
+    /// Chunks served at once to one peer, so one peer cannot take every upload slot.
+    pub max_uploads_per_peer: usize,
+    /// Upload budget in object bytes per second over all peers (bursts of one second);
+    /// `None`: unlimited. Over budget, requests are answered `Busy`.
+    pub max_upload_rate: Option<u64>,
     /// How long a peer that sent a bad chunk stays banned.
     pub ban_for: Duration,
     /// Limit of one chunk request.
@@ -99,7 +104,8 @@ pub struct MeshConfig {
 
 impl MeshConfig {
     /// Defaults for `role`: listen on every IPv4 address on a random TCP port, mDNS on,
-    /// 64 connections, 8 uploads at once, bans of 10 minutes, 30 s per request.
+    /// 64 connections, 8 uploads at once (4 per peer), no upload rate cap, bans of 10
+    /// minutes, 30 s per request.
     pub fn new(role: Role) -> Self {
         Self {
             role,
@@ -108,6 +114,8 @@ impl MeshConfig {
             mdns: true,
             max_connections: 64,
             max_uploads: 8,
+            max_uploads_per_peer: 4,
+            max_upload_rate: None,
             ban_for: Duration::from_secs(600),
             request_timeout: Duration::from_secs(30),
             trust_root: None,
@@ -273,6 +281,7 @@ impl Mesh {
         let counters = Arc::new(Counters::default());
         let (announcements, _) = broadcast::channel(16);
         let (served_tx, served_rx) = mpsc::channel(64);
+        let upload_budget = config.max_upload_rate.map_or(0.0, |r| r as f64);
         let mut actor = MeshActor {
             swarm,
             rx,
@@ -287,6 +296,9 @@ impl Mesh {
             pending: HashMap::new(),
             queue: VecDeque::new(),
             uploads: 0,
+            uploads_by_peer: HashMap::new(),
+            upload_budget,
+            budget_at: Instant::now(),
             served_tx,
             served_rx,
         };
@@ -555,9 +567,16 @@ struct MeshActor {
     pending: HashMap<OutboundRequestId, Pending>,
     queue: VecDeque<Queued>,
     uploads: usize,
-    served_tx: mpsc::Sender<(ResponseChannel<ChunkResponse>, ChunkResponse)>,
-    served_rx: mpsc::Receiver<(ResponseChannel<ChunkResponse>, ChunkResponse)>,
+    uploads_by_peer: HashMap<PeerId, usize>,
+    /// Token bucket of [`MeshConfig::max_upload_rate`], in bytes; refilled when read.
+    upload_budget: f64,
+    budget_at: Instant,
+    served_tx: mpsc::Sender<Served>,
+    served_rx: mpsc::Receiver<Served>,
 }
+
+/// A finished read of the provider, to answer on the swarm.
+type Served = (PeerId, ResponseChannel<ChunkResponse>, ChunkResponse);
 
 impl MeshActor {
     async fn run(&mut self) {
@@ -569,9 +588,16 @@ impl MeshActor {
                     Some(cmd) => self.command(cmd),
                     None => break, // every handle dropped
                 },
-                Some((channel, response)) = self.served_rx.recv() => {
+                Some((peer, channel, response)) = self.served_rx.recv() => {
                     self.uploads -= 1;
+                    if let Some(n) = self.uploads_by_peer.get_mut(&peer) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.uploads_by_peer.remove(&peer);
+                        }
+                    }
                     if let ChunkResponse::Object(obj) = &response {
+                        self.upload_budget -= obj.len() as f64;
                         self.counters.served_chunks.fetch_add(1, Ordering::Relaxed);
                         self.counters.served_bytes.fetch_add(obj.len() as u64, Ordering::Relaxed);
                     }
@@ -771,12 +797,17 @@ impl MeshActor {
                 if self.banned.contains_key(&peer) {
                     return;
                 }
-                if self.uploads >= self.config.max_uploads {
+                let of_peer = self.uploads_by_peer.get(&peer).copied().unwrap_or(0);
+                if self.uploads >= self.config.max_uploads
+                    || of_peer >= self.config.max_uploads_per_peer
+                    || !self.upload_budget_left()
+                {
                     self.counters.busy.fetch_add(1, Ordering::Relaxed);
                     let _ = self.swarm.behaviour_mut().chunks.send_response(channel, ChunkResponse::Busy);
                     return;
                 }
                 self.uploads += 1;
+                *self.uploads_by_peer.entry(peer).or_default() += 1;
                 let (provider, tx) = (self.provider.clone(), self.served_tx.clone());
                 tokio::spawn(async move {
                     let found = tokio::task::spawn_blocking(move || provider.object(&request.id, request.len))
@@ -784,7 +815,7 @@ impl MeshActor {
                         .ok()
                         .flatten();
                     let response = found.map_or(ChunkResponse::NotFound, ChunkResponse::Object);
-                    let _ = tx.send((channel, response)).await;
+                    let _ = tx.send((peer, channel, response)).await;
                 });
             }
             Event::Message { message: Message::Response { request_id, response }, .. } => {
@@ -797,6 +828,17 @@ impl MeshActor {
             Event::InboundFailure { peer, error, .. } => tracing::debug!(%peer, %error, "serving a chunk failed"),
             Event::ResponseSent { .. } => {}
         }
+    }
+
+    /// Refills the upload bucket and says whether anything is left in it.
+    fn upload_budget_left(&mut self) -> bool {
+        let Some(rate) = self.config.max_upload_rate else { return true };
+        let rate = rate as f64;
+        let now = Instant::now();
+        let refill = now.duration_since(self.budget_at).as_secs_f64() * rate;
+        self.budget_at = now;
+        self.upload_budget = (self.upload_budget + refill).min(rate);
+        self.upload_budget > 0.0
     }
 
     fn gossip_event(&mut self, ev: gossipsub::Event) {
@@ -894,6 +936,25 @@ mod tests {
         // Unknown chunks are not found, after asking the one peer.
         let e = client.fetch(ChunkId::of(b"nobody has this"), 15).await.unwrap_err();
         assert!(matches!(e, MeshError::NotFound { asked: 1, .. }), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_budget_spent_answers_busy() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+        let (id, len) = (ChunkId::of(&data), data.len() as u32);
+        let chunks = Mutex::new(HashMap::from([(id, object::encode(&data, 1))]));
+        let mut config = loopback(Role::Cache);
+        // One byte per second: the first chunk spends the budget for hours.
+        config.max_upload_rate = Some(1);
+        let server = Mesh::start(config, Arc::new(Memory { chunks, corrupt: false })).await.unwrap();
+        let mut config = loopback(Role::Agent);
+        config.bootstrap = vec![server.listen_addrs().await.unwrap()[0].clone()];
+        let client = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+        client.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(client.fetch(id, len).await.unwrap().data, data);
+        assert!(matches!(client.fetch(id, len).await, Err(MeshError::NotFound { asked: 1, .. })));
+        let stats = server.stats().await.unwrap();
+        assert_eq!((stats.served_chunks, stats.busy), (1, 1));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

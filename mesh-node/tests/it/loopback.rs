@@ -35,7 +35,7 @@ fn bytes(report: &serde_json::Value, source: &str) -> u64 {
 fn three_agents_install_from_a_site_cache_and_the_origin_serves_little() {
     let s = site(21, 6 << 20);
     let root = s.publisher.path("root.json");
-    let cache = SiteCache::start(&root, &s.export, false);
+    let cache = SiteCache::start(&root, &s.export, None);
     let origin_before = s.coord.bytes_served();
 
     let agents: Vec<Agent> = (0..3)
@@ -59,13 +59,14 @@ fn three_agents_install_from_a_site_cache_and_the_origin_serves_little() {
 }
 
 #[test]
-fn a_corrupting_peer_is_banned_and_every_agent_still_installs_the_right_bytes() {
+fn peers_serving_corrupted_or_wrong_chunks_are_banned_and_every_agent_installs_the_right_bytes() {
     let s = site(22, 3 << 20);
     let root = s.publisher.path("root.json");
-    let bad = SiteCache::start(&root, &s.export, true);
-    let good = SiteCache::start(&root, &s.export, false);
+    let flip = SiteCache::start(&root, &s.export, Some("flip"));
+    let wrong = SiteCache::start(&root, &s.export, Some("wrong"));
+    let good = SiteCache::start(&root, &s.export, None);
 
-    let peers = [bad.addr.clone(), good.addr.clone()];
+    let peers = [flip.addr.clone(), wrong.addr.clone(), good.addr.clone()];
     let agents: Vec<Agent> = (0..3).map(|i| Agent::new(&s.coord, &root, &format!("dev-{i}"), &peers, "1h")).collect();
     let children: Vec<_> = agents.iter().map(Agent::spawn_check).collect();
     for (agent, child) in agents.iter().zip(children) {
@@ -75,11 +76,15 @@ fn a_corrupting_peer_is_banned_and_every_agent_still_installs_the_right_bytes() 
         assert!(log.contains("peer sent a bad chunk") && log.contains("peer banned"), "no ban logged:\n{log}");
         assert_eq!(bytes(&report, "peer") + bytes(&report, "cdn"), s.image.len() as u64, "{report}");
     }
-    // Each agent banned the corrupting cache at its first bad chunk: beyond that, only the
-    // requests already in flight to it (at most 3 per agent) were answered.
-    let tried = wait_for("the bad cache's counters", Duration::from_secs(10), || bad.stat("served_chunks"));
+    // Each agent banned a lying cache at its first bad chunk: beyond that, only the requests
+    // already in flight to it (at most 3 per agent) were answered.
     let limit = 3 * flotilla_mesh::MAX_IN_FLIGHT_PER_PEER as u64;
-    assert!((1..=limit).contains(&tried), "the corrupting cache served {tried} chunks to 3 agents");
+    for (what, bad) in [("flipping", &flip), ("wrong-chunk", &wrong)] {
+        let tried = wait_for(&format!("the {what} cache to serve"), Duration::from_secs(10), || {
+            bad.stat("served_chunks").filter(|n| *n > 0)
+        });
+        assert!((1..=limit).contains(&tried), "the {what} cache served {tried} chunks to 3 agents");
+    }
 }
 
 #[test]

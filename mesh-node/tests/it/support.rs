@@ -227,9 +227,9 @@ impl Drop for SiteCache {
 }
 
 impl SiteCache {
-    /// Starts a cache on loopback that imports `export` first; `corrupt` makes it a
-    /// malicious peer that flips a bit of every chunk it serves.
-    pub(crate) fn start(trust_root: &Path, export: &Path, corrupt: bool) -> Self {
+    /// Starts a cache on loopback that imports `export` first; `corrupt` (`flip`, `wrong`)
+    /// makes it a malicious peer serving bad chunks.
+    pub(crate) fn start(trust_root: &Path, export: &Path, corrupt: Option<&str>) -> Self {
         let store = tempfile::tempdir().expect("tmp");
         let mut cmd = Command::new(mesh_bin());
         cmd.arg("serve")
@@ -242,8 +242,8 @@ impl SiteCache {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        if corrupt {
-            cmd.env("FLOTILLA_MESH_TEST_CORRUPT", "true");
+        if let Some(how) = corrupt {
+            cmd.env("FLOTILLA_MESH_TEST_CORRUPT", how);
         } else {
             cmd.env_remove("FLOTILLA_MESH_TEST_CORRUPT");
         }
