@@ -34,6 +34,11 @@ const PEER_RETRY: Duration = Duration::from_millis(200);
 /// Longest wait at start for the bootstrap peers (or, with mDNS, a first peer) to connect;
 /// also bounded by the deadline.
 const CONNECT_WAIT: Duration = Duration::from_secs(3);
+/// An install takes no chunk from the origin in its first moments, even the chunks it is
+/// the rendezvous fetcher for: agents of a site start a release within a moment of each
+/// other, and one that decided alone would fetch chunks that a peer starting a little later
+/// also wins. Bounded by the deadline.
+const ORIGIN_DELAY: Duration = Duration::from_secs(2);
 /// With mDNS, discovery is taken as complete when no new peer appeared for this long.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -225,6 +230,7 @@ impl MeshSlot {
                 provider: provider.clone(),
                 cdn,
                 deadline: self.settings.deadline,
+                started: Instant::now(),
                 sources: Arc::default(),
             }),
             None => crate::install::ChunkSource::Coordinator(cdn),
@@ -239,6 +245,8 @@ pub struct PeerFirst {
     provider: Arc<SlotChunks>,
     cdn: Coordinator,
     deadline: Duration,
+    /// When the install began.
+    started: Instant,
     /// Where each chunk fetched came from, until the install reads it.
     sources: Arc<Mutex<HashMap<ChunkId, &'static str>>>,
 }
@@ -267,7 +275,8 @@ impl PeerFirst {
                     break;
                 }
             }
-            if started.elapsed() >= self.deadline || self.is_origin_fetcher(id).await {
+            let settled = self.started.elapsed() >= ORIGIN_DELAY.min(self.deadline);
+            if started.elapsed() >= self.deadline || (settled && self.is_origin_fetcher(id).await) {
                 break;
             }
             tokio::time::sleep(PEER_RETRY.min(self.deadline.saturating_sub(started.elapsed()))).await;

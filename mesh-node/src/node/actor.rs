@@ -1,0 +1,478 @@
+//! The actor that owns the libp2p swarm: connections, bans, serving, request scheduling
+//! and announcements. Only [`super::Mesh`] talks to it, through [`super::Command`]s.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use flotilla_core::manifest::VerifiedManifest;
+use flotilla_core::time::Timestamp;
+use futures::StreamExt as _;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, allow_block_list, connection_limits, gossipsub, identify, identity, mdns};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::{
+    Answer, Command, Counters, IDENTIFY_PROTOCOL, MAX_ANNOUNCEMENT_LEN, MAX_IN_FLIGHT_PER_PEER, MeshConfig, MeshError,
+    PeerInfo, Role, TICK, UNMEASURED_BPS,
+};
+use crate::protocol::{ChunkCodec, ChunkRequest, ChunkResponse, PROTOCOL};
+use crate::store::ChunkProvider;
+
+/// What [`spawn`] needs from [`super::Mesh::start`].
+pub(super) struct Parts {
+    pub(super) swarm: Swarm<Behaviour>,
+    pub(super) rx: mpsc::Receiver<Command>,
+    pub(super) config: MeshConfig,
+    pub(super) provider: Arc<dyn ChunkProvider>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) announcements: broadcast::Sender<VerifiedManifest>,
+    pub(super) topic: gossipsub::IdentTopic,
+    pub(super) listen_addrs: Vec<Multiaddr>,
+}
+
+/// Dials the bootstrap peers and runs the actor until every handle is dropped.
+pub(super) fn spawn(p: Parts) {
+    let (served_tx, served_rx) = mpsc::channel(64);
+    let upload_budget = p.config.max_upload_rate.map_or(0.0, |r| r as f64);
+    let mut actor = MeshActor {
+        swarm: p.swarm,
+        rx: p.rx,
+        config: p.config,
+        provider: p.provider,
+        counters: p.counters,
+        announcements: p.announcements,
+        topic: p.topic,
+        listen_addrs: p.listen_addrs,
+        peers: HashMap::new(),
+        banned: HashMap::new(),
+        pending: HashMap::new(),
+        queue: VecDeque::new(),
+        uploads: 0,
+        uploads_by_peer: HashMap::new(),
+        upload_budget,
+        budget_at: Instant::now(),
+        served_tx,
+        served_rx,
+    };
+    for addr in actor.config.bootstrap.clone() {
+        actor.dial(addr);
+    }
+    tokio::spawn(async move { actor.run().await });
+}
+
+#[derive(NetworkBehaviour)]
+pub(super) struct Behaviour {
+    limits: connection_limits::Behaviour,
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    identify: identify::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    pub(super) gossipsub: gossipsub::Behaviour,
+    chunks: request_response::Behaviour<ChunkCodec>,
+}
+
+pub(super) fn build_swarm(config: &MeshConfig, key: identity::Keypair) -> Result<Swarm<Behaviour>, MeshError> {
+    let start = |e: &dyn std::fmt::Display| MeshError::Start(e.to_string());
+    let mdns_on = config.mdns;
+    let role = config.role;
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(2))
+        .with_max_pending_incoming(Some(config.max_connections));
+    let request_timeout = config.request_timeout;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .map_err(|e| start(&e))?
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .max_transmit_size(MAX_ANNOUNCEMENT_LEN)
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validate_messages()
+                .build()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let gossipsub =
+                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)
+                    .map_err(std::io::Error::other)?;
+            let mdns =
+                if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                blocked: allow_block_list::Behaviour::default(),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                        .with_agent_version(role.agent_version()),
+                ),
+                mdns: mdns.into(),
+                gossipsub,
+                chunks: request_response::Behaviour::with_codec(
+                    ChunkCodec,
+                    [(PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(request_timeout)
+                        .with_max_concurrent_streams(64),
+                ),
+            })
+        })
+        .map_err(|e| start(&e))?
+        // Peers stay connected between releases so have-state and gossip keep flowing.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    Ok(swarm)
+}
+
+#[derive(Debug)]
+struct PeerState {
+    role: Option<Role>,
+    in_flight: usize,
+    /// Smoothed delivery rate, bytes per second.
+    bps: Option<f64>,
+    hits: u64,
+    misses: u64,
+}
+
+impl PeerState {
+    /// Higher is better: expected rate, discounted by how often it lacks chunks and by load.
+    fn score(&self) -> f64 {
+        let hit_rate = (self.hits as f64 + 1.0) / ((self.hits + self.misses) as f64 + 2.0);
+        // Caches hold whole releases: prefer them when nothing is measured yet.
+        let cache = if self.role == Some(Role::Cache) { 2.0 } else { 1.0 };
+        self.bps.unwrap_or(UNMEASURED_BPS) * hit_rate * cache / (self.in_flight as f64 + 1.0)
+    }
+}
+
+struct Pending {
+    peer: PeerId,
+    started: Instant,
+    len: u32,
+    reply: oneshot::Sender<Option<(PeerId, Answer)>>,
+}
+
+struct Queued {
+    req: ChunkRequest,
+    exclude: HashSet<PeerId>,
+    reply: oneshot::Sender<Option<(PeerId, Answer)>>,
+}
+
+struct MeshActor {
+    swarm: Swarm<Behaviour>,
+    rx: mpsc::Receiver<Command>,
+    config: MeshConfig,
+    provider: Arc<dyn ChunkProvider>,
+    counters: Arc<Counters>,
+    announcements: broadcast::Sender<VerifiedManifest>,
+    topic: gossipsub::IdentTopic,
+    listen_addrs: Vec<Multiaddr>,
+    peers: HashMap<PeerId, PeerState>,
+    banned: HashMap<PeerId, Instant>,
+    pending: HashMap<OutboundRequestId, Pending>,
+    queue: VecDeque<Queued>,
+    uploads: usize,
+    uploads_by_peer: HashMap<PeerId, usize>,
+    /// Token bucket of [`MeshConfig::max_upload_rate`], in bytes; refilled when read.
+    upload_budget: f64,
+    budget_at: Instant,
+    served_tx: mpsc::Sender<Served>,
+    served_rx: mpsc::Receiver<Served>,
+}
+
+/// A finished read of the provider, to answer on the swarm.
+type Served = (PeerId, ResponseChannel<ChunkResponse>, ChunkResponse);
+
+impl MeshActor {
+    async fn run(&mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break, // every handle dropped
+                },
+                Some((peer, channel, response)) = self.served_rx.recv() => {
+                    self.uploads -= 1;
+                    if let Some(n) = self.uploads_by_peer.get_mut(&peer) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.uploads_by_peer.remove(&peer);
+                        }
+                    }
+                    if let ChunkResponse::Object(obj) = &response {
+                        self.upload_budget -= obj.len() as f64;
+                        self.counters.served_chunks.fetch_add(1, Ordering::Relaxed);
+                        self.counters.served_bytes.fetch_add(obj.len() as u64, Ordering::Relaxed);
+                    }
+                    // The requester may have gone; nothing to do then.
+                    let _ = self.swarm.behaviour_mut().chunks.send_response(channel, response);
+                }
+                ev = self.swarm.select_next_some() => self.swarm_event(ev),
+                _ = tick.tick() => self.tick(),
+            }
+        }
+        tracing::debug!("mesh node stopped");
+    }
+
+    fn dial(&mut self, addr: Multiaddr) {
+        let peer = addr.iter().find_map(|p| match p {
+            Protocol::P2p(id) => Some(id),
+            _ => None,
+        });
+        if peer.is_some_and(|p| self.peers.contains_key(&p) || self.banned.contains_key(&p)) {
+            return;
+        }
+        if let Err(e) = self.swarm.dial(addr.clone()) {
+            tracing::debug!(%addr, error = %e, "dial failed");
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<PeerId> = self.banned.iter().filter(|(_, until)| **until <= now).map(|(p, _)| *p).collect();
+        for p in expired {
+            self.banned.remove(&p);
+            self.swarm.behaviour_mut().blocked.unblock_peer(p);
+            tracing::info!(peer = %p, "ban lifted");
+        }
+        for addr in self.config.bootstrap.clone() {
+            self.dial(addr);
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Request { req, exclude, reply } => self.request(Queued { req, exclude, reply }),
+            Command::Ban { peer } => self.ban(peer),
+            Command::Peers { reply } => {
+                let list = self
+                    .peers
+                    .iter()
+                    .filter(|(p, _)| !self.banned.contains_key(p))
+                    .map(|(p, s)| PeerInfo { id: *p, role: s.role })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
+            Command::Announce { envelope, reply } => {
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), envelope)
+                    .map(|_| ())
+                    .map_err(|e| MeshError::Announce(e.to_string()));
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn ban(&mut self, peer: PeerId) {
+        if self.banned.insert(peer, Instant::now() + self.config.ban_for).is_none() {
+            self.counters.bans.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, for_s = self.config.ban_for.as_secs(), "peer banned");
+        }
+        self.swarm.behaviour_mut().blocked.block_peer(peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    /// Sends `q` to the best free peer, queues it while every candidate is at its limit, or
+    /// answers `None` when there is no candidate at all.
+    fn request(&mut self, q: Queued) {
+        let candidates: Vec<(&PeerId, &PeerState)> =
+            self.peers.iter().filter(|(p, _)| !q.exclude.contains(p) && !self.banned.contains_key(p)).collect();
+        if candidates.is_empty() {
+            let _ = q.reply.send(None);
+            return;
+        }
+        let best = candidates
+            .iter()
+            .filter(|(_, s)| s.in_flight < MAX_IN_FLIGHT_PER_PEER)
+            .max_by(|a, b| a.1.score().total_cmp(&b.1.score()))
+            .map(|(p, _)| **p);
+        let Some(peer) = best else {
+            self.queue.push_back(q);
+            return;
+        };
+        if let Some(s) = self.peers.get_mut(&peer) {
+            s.in_flight += 1;
+        }
+        let id = self.swarm.behaviour_mut().chunks.send_request(&peer, q.req);
+        self.pending.insert(id, Pending { peer, started: Instant::now(), len: q.req.len, reply: q.reply });
+    }
+
+    /// Retries queued requests after a peer freed a slot or left.
+    fn drain_queue(&mut self) {
+        for q in std::mem::take(&mut self.queue) {
+            if !q.reply.is_closed() {
+                self.request(q);
+            }
+        }
+    }
+
+    fn finish(&mut self, id: OutboundRequestId, answer: Answer) {
+        let Some(p) = self.pending.remove(&id) else { return };
+        // Whatever a banned peer still had in flight is dropped unread.
+        let answer = if self.banned.contains_key(&p.peer) { Answer::Failed } else { answer };
+        if let Some(s) = self.peers.get_mut(&p.peer) {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            match &answer {
+                Answer::Response(ChunkResponse::Object(obj)) => {
+                    s.hits += 1;
+                    let secs = p.started.elapsed().as_secs_f64().max(1e-4);
+                    let rate = obj.len().max(p.len as usize / 4) as f64 / secs;
+                    s.bps = Some(s.bps.map_or(rate, |old| old * 0.8 + rate * 0.2));
+                }
+                Answer::Response(ChunkResponse::NotFound) => s.misses += 1,
+                Answer::Response(ChunkResponse::Busy) | Answer::Failed => {}
+            }
+        }
+        let _ = p.reply.send(Some((p.peer, answer)));
+        self.drain_queue();
+    }
+
+    fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Chunks(ev)) => self.chunk_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                let role = Role::from_agent_version(&info.agent_version);
+                if let Some(s) = self.peers.get_mut(&peer_id) {
+                    s.role = role;
+                }
+                tracing::debug!(peer = %peer_id, agent = %info.agent_version, "peer identified");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if !self.peers.contains_key(&peer) && !self.banned.contains_key(&peer) {
+                        tracing::debug!(%peer, %addr, "discovered on the local network");
+                        self.dial(addr.with(Protocol::P2p(peer)));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(_))) => {}
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => self.gossip_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Limits(v)) | SwarmEvent::Behaviour(BehaviourEvent::Blocked(v)) => {
+                match v {}
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                tracing::info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "peer connected");
+                self.peers.entry(peer_id).or_insert(PeerState {
+                    role: None,
+                    in_flight: 0,
+                    bps: None,
+                    hits: 0,
+                    misses: 0,
+                });
+                self.drain_queue();
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                tracing::info!(peer = %peer_id, "peer disconnected");
+                self.peers.remove(&peer_id);
+                // Requests pending with it fail through OutboundFailure; queued ones may now
+                // have no candidate left.
+                self.drain_queue();
+            }
+            SwarmEvent::ConnectionClosed { .. } => {}
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| a != &address),
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => tracing::debug!(%error, "incoming connection failed"),
+            SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
+            SwarmEvent::ListenerClosed { addresses, .. } => self.listen_addrs.retain(|a| !addresses.contains(a)),
+            // Dialing, IncomingConnection, NewExternalAddrCandidate, external address
+            // confirmations: nothing to act on.
+            _ => {}
+        }
+    }
+
+    fn chunk_event(&mut self, ev: request_response::Event<ChunkRequest, ChunkResponse>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+                if self.banned.contains_key(&peer) {
+                    return;
+                }
+                let of_peer = self.uploads_by_peer.get(&peer).copied().unwrap_or(0);
+                if self.uploads >= self.config.max_uploads
+                    || of_peer >= self.config.max_uploads_per_peer
+                    || !self.upload_budget_left()
+                {
+                    self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.swarm.behaviour_mut().chunks.send_response(channel, ChunkResponse::Busy);
+                    return;
+                }
+                self.uploads += 1;
+                *self.uploads_by_peer.entry(peer).or_default() += 1;
+                let (provider, tx) = (self.provider.clone(), self.served_tx.clone());
+                tokio::spawn(async move {
+                    let found = tokio::task::spawn_blocking(move || provider.object(&request.id, request.len))
+                        .await
+                        .ok()
+                        .flatten();
+                    let response = found.map_or(ChunkResponse::NotFound, ChunkResponse::Object);
+                    let _ = tx.send((peer, channel, response)).await;
+                });
+            }
+            Event::Message { message: Message::Response { request_id, response }, .. } => {
+                self.finish(request_id, Answer::Response(response));
+            }
+            Event::OutboundFailure { peer, request_id, error, .. } => {
+                tracing::debug!(%peer, %error, "chunk request failed");
+                self.finish(request_id, Answer::Failed);
+            }
+            Event::InboundFailure { peer, error, .. } => tracing::debug!(%peer, %error, "serving a chunk failed"),
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Refills the upload bucket and says whether anything is left in it.
+    fn upload_budget_left(&mut self) -> bool {
+        let Some(rate) = self.config.max_upload_rate else { return true };
+        let rate = rate as f64;
+        let now = Instant::now();
+        let refill = now.duration_since(self.budget_at).as_secs_f64() * rate;
+        self.budget_at = now;
+        self.upload_budget = (self.upload_budget + refill).min(rate);
+        self.upload_budget > 0.0
+    }
+
+    fn gossip_event(&mut self, ev: gossipsub::Event) {
+        let gossipsub::Event::Message { propagation_source, message_id, message } = ev else { return };
+        let verdict = match &self.config.trust_root {
+            Some(root) => match flotilla_core::manifest::verify_signed(&message.data, root, Timestamp::now()) {
+                Ok(m) => {
+                    let man = m.manifest();
+                    tracing::info!(product = %man.product, version = %man.version, "signed release announced");
+                    let _ = self.announcements.send(m);
+                    gossipsub::MessageAcceptance::Accept
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %propagation_source, error = %e, "announcement refused");
+                    gossipsub::MessageAcceptance::Reject
+                }
+            },
+            // Without a trust root nothing can be checked: do not relay it either.
+            None => gossipsub::MessageAcceptance::Ignore,
+        };
+        self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+            &message_id,
+            &propagation_source,
+            verdict,
+        );
+    }
+}
