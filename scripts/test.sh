@@ -9,8 +9,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh # also sets CARGO_TARGET_DIR (default: ~/.cache/flotilla/target)
 
 # Tests that need a real service install and start it here; a test that cannot find its
-# service fails, it never skips. The coordinator's tests run against a real PostgreSQL.
-need_pkgs "${FLOTILLA_BUILD_PKGS[@]}" postgresql
+# service fails, it never skips. The coordinator's tests run against a real PostgreSQL; the
+# mesh's site test puts each agent in its own network namespace (ip, tc: iproute2; needs root).
+need_pkgs "${FLOTILLA_BUILD_PKGS[@]}" postgresql iproute2
 need_cargo
 
 if [[ -z ${FLOTILLA_TEST_PG_URL:-} ]]; then
