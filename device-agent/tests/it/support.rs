@@ -128,21 +128,7 @@ pub(crate) fn json_of(out: &Output) -> Value {
 
 impl Publisher {
     pub(crate) fn new(coord: &Coordinator) -> Self {
-        let dir = tempfile::tempdir().expect("tmp");
-        let mut p = Self { url: coord.url.clone(), dir, api_key: String::new() };
-        for name in ["root", "release"] {
-            let out = p.path(&format!("{name}.pem"));
-            run_ok(p.cli(ADMIN).args(["keys", "generate", "--out"]).arg(&out));
-        }
-        run_ok(
-            p.cli(ADMIN)
-                .args(["root", "init", "--root-key"])
-                .arg(p.path("root.pem"))
-                .arg("--release-key")
-                .arg(p.path("release.pem"))
-                .arg("--out")
-                .arg(p.path("root.json")),
-        );
+        let mut p = Self::new_root_only(coord);
         let out = run_ok(
             p.cli(ADMIN)
                 .args(["product", "create", PRODUCT, "--trust-root"])
