@@ -3,7 +3,7 @@
 //! The manifest travels as the payload of a DSSE envelope of type
 //! [`MANIFEST_PAYLOAD_TYPE`], signed by the trust root's `release` role. Devices call
 //! [`verify_for_device`]: signature first, then the strict parse, then every policy check
-//! (expiry against trusted time, product, channel, hardware, version_code strictly greater,
+//! (expiry against trusted time, product, channel, hardware, platform, architecture, version_code strictly greater,
 //! security_version floor, minimum agent and native versions). Each rejection has its own
 //! [`ManifestError`] variant.
 
@@ -27,6 +27,8 @@ pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
 pub const MAX_MANIFEST_LEN: usize = 256 << 10;
 /// Most hardware models one manifest may list.
 pub const MAX_HARDWARE: usize = 256;
+/// Most platforms or architectures one manifest may list.
+pub const MAX_TARGETS: usize = 32;
 /// Most deltas one manifest may offer.
 pub const MAX_DELTAS: usize = 16;
 /// Longest release note.
@@ -102,6 +104,12 @@ pub struct Compatibility {
     /// Hardware models; empty means any.
     #[serde(default)]
     pub hardware: Vec<String>,
+    /// Platforms (`linux`, `android`, `ios`, …); empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
+    /// CPU architectures as Rust names them (`x86_64`, `aarch64`, `arm`, …); empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub architectures: Vec<String>,
     /// Lowest agent version that can install it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_agent_version: Option<Version>,
@@ -206,6 +214,22 @@ pub enum ManifestError {
         /// The device's model.
         device: String,
         /// Models the manifest lists.
+        supported: Vec<String>,
+    },
+    /// Not for this platform.
+    #[error("manifest supports platforms {supported:?}, this device runs {device:?}")]
+    WrongPlatform {
+        /// The device's platform.
+        device: String,
+        /// Platforms the manifest lists.
+        supported: Vec<String>,
+    },
+    /// Not for this CPU architecture.
+    #[error("manifest supports architectures {supported:?}, this device is {device:?}")]
+    WrongArchitecture {
+        /// The device's architecture.
+        device: String,
+        /// Architectures the manifest lists.
         supported: Vec<String>,
     },
     /// version_code not greater than what is installed: a replay or a rollback.
@@ -332,6 +356,17 @@ impl Manifest {
                 format!("at most {MAX_HARDWARE} names of 1-64 characters of [A-Za-z0-9._+-]"),
             ));
         }
+        for (field, list) in [
+            ("compatibility.platforms", &self.compatibility.platforms),
+            ("compatibility.architectures", &self.compatibility.architectures),
+        ] {
+            if list.len() > MAX_TARGETS || !list.iter().all(|h| is_valid_name(h)) {
+                return Err(invalid(
+                    field,
+                    format!("at most {MAX_TARGETS} names of 1-64 characters of [A-Za-z0-9._+-]"),
+                ));
+            }
+        }
         if self.deltas.len() > MAX_DELTAS {
             return Err(invalid("deltas", format!("at most {MAX_DELTAS}")));
         }
@@ -368,6 +403,10 @@ pub struct DeviceContext {
     pub channel: String,
     /// Its hardware model, if it has one.
     pub hardware: Option<String>,
+    /// Its platform (`linux`, `android`, …), if it reports one.
+    pub platform: Option<String>,
+    /// Its CPU architecture (`x86_64`, `aarch64`, …), if it reports one.
+    pub architecture: Option<String>,
     /// version_code of the installed release (None on a fresh device).
     pub installed_version_code: Option<u64>,
     /// Persisted security_version floor.
@@ -387,6 +426,8 @@ impl DeviceContext {
             product: product.into(),
             channel: channel.into(),
             hardware: None,
+            platform: None,
+            architecture: None,
             installed_version_code: None,
             security_floor: 0,
             agent_version: None,
@@ -474,6 +515,20 @@ impl VerifiedManifest {
             let device_hw = device.hardware.clone().unwrap_or_default();
             if !hw.contains(&device_hw) {
                 return Err(ManifestError::WrongHardware { device: device_hw, supported: hw.clone() });
+            }
+        }
+        let platforms = &m.compatibility.platforms;
+        if !platforms.is_empty() {
+            let device_platform = device.platform.clone().unwrap_or_default();
+            if !platforms.contains(&device_platform) {
+                return Err(ManifestError::WrongPlatform { device: device_platform, supported: platforms.clone() });
+            }
+        }
+        let arches = &m.compatibility.architectures;
+        if !arches.is_empty() {
+            let device_arch = device.architecture.clone().unwrap_or_default();
+            if !arches.contains(&device_arch) {
+                return Err(ManifestError::WrongArchitecture { device: device_arch, supported: arches.clone() });
             }
         }
         if let Some(installed) = device.installed_version_code

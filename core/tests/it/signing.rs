@@ -117,3 +117,76 @@ fn signing_key_debug_prints_nothing_secret() {
 fn hex_bytes(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
 }
+
+fn targeted_manifest(platforms: &[&str], architectures: &[&str]) -> flotilla_core::manifest::Manifest {
+    use flotilla_core::chunking::ChunkParams;
+    use flotilla_core::ids::{Blake3Digest, IndexId, Sha256Digest};
+    use flotilla_core::manifest::{Compatibility, IndexRef, Manifest, Payload, PayloadKind};
+    let now = Timestamp::now();
+    Manifest {
+        schema_version: flotilla_core::manifest::MANIFEST_SCHEMA_VERSION,
+        product: "kiosk".into(),
+        channel: "stable".into(),
+        version: semver::Version::new(1, 0, 0),
+        version_code: 1,
+        security_version: 0,
+        payload: Payload {
+            kind: PayloadKind::Raw,
+            size: 0,
+            sha256: Sha256Digest::of(b""),
+            blake3: Blake3Digest::of(b""),
+        },
+        chunking: ChunkParams::BUNDLE,
+        index: IndexRef { id: IndexId::of(b"index"), size: 1024 },
+        deltas: Vec::new(),
+        compatibility: Compatibility {
+            platforms: platforms.iter().map(|s| (*s).to_owned()).collect(),
+            architectures: architectures.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        },
+        mandatory: false,
+        created_at: now,
+        expires_at: far(),
+        notes: None,
+    }
+}
+
+#[test]
+fn platform_and_architecture_targeting_is_checked_on_the_device() {
+    use flotilla_core::manifest::{DeviceContext, ManifestError, verify_for_device};
+    let key = ed(1);
+    let root = root_v1(&[&key], 1);
+    let signed = |m: &flotilla_core::manifest::Manifest| m.sign(&[&key]).expect("sign").to_json();
+    let device = |platform: Option<&str>, arch: Option<&str>| {
+        let mut ctx = DeviceContext::new("kiosk", "stable", Timestamp::now());
+        ctx.platform = platform.map(str::to_owned);
+        ctx.architecture = arch.map(str::to_owned);
+        ctx
+    };
+
+    let targeted = signed(&targeted_manifest(&["linux", "android"], &["aarch64"]));
+    verify_for_device(&targeted, &root, &device(Some("android"), Some("aarch64"))).expect("a listed target installs");
+    let err = verify_for_device(&targeted, &root, &device(Some("ios"), Some("aarch64"))).expect_err("other platform");
+    assert!(
+        matches!(&err, ManifestError::WrongPlatform { device, supported } if device == "ios" && supported.len() == 2),
+        "{err}"
+    );
+    let err = verify_for_device(&targeted, &root, &device(Some("linux"), Some("x86_64"))).expect_err("other arch");
+    assert!(matches!(&err, ManifestError::WrongArchitecture { device, .. } if device == "x86_64"), "{err}");
+    // A device that does not say what it runs is not sent a targeted release.
+    let err = verify_for_device(&targeted, &root, &device(None, None)).expect_err("unknown platform");
+    assert!(matches!(err, ManifestError::WrongPlatform { .. }), "{err}");
+
+    // An untargeted manifest installs anywhere, and its JSON carries no empty lists.
+    let open = targeted_manifest(&[], &[]);
+    assert!(!String::from_utf8(open.to_json()).expect("utf-8").contains("platforms"));
+    verify_for_device(&signed(&open), &root, &device(None, Some("riscv64"))).expect("untargeted");
+
+    // Names are bounded like hardware models.
+    let err = targeted_manifest(&["linux os"], &[]).sign(&[&key]).expect_err("space in a platform name");
+    assert!(matches!(err, ManifestError::Invalid { field: "compatibility.platforms", .. }), "{err}");
+    let many: Vec<String> = (0..33).map(|i| format!("arch{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err = targeted_manifest(&[], &many).sign(&[&key]).expect_err("too many architectures");
+    assert!(matches!(err, ManifestError::Invalid { field: "compatibility.architectures", .. }), "{err}");
+}
