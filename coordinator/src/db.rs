@@ -53,6 +53,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0003_trust_root_history.sql"),
         postgres: include_str!("../../migrations/postgres/0003_trust_root_history.sql"),
     },
+    Migration {
+        version: 4,
+        name: "device_targets",
+        sqlite: include_str!("../../migrations/sqlite/0004_device_targets.sql"),
+        postgres: include_str!("../../migrations/postgres/0004_device_targets.sql"),
+    },
 ];
 
 /// Arbitrary constant naming the migration lock among PostgreSQL advisory locks.

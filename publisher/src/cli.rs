@@ -228,6 +228,13 @@ pub struct ReleaseArgs {
     /// Hardware models (repeatable; default any).
     #[arg(long = "hardware")]
     pub hardware: Vec<String>,
+    /// Platforms that may install it, e.g. linux, android, ios (repeatable; default any).
+    #[arg(long = "target-platform", value_name = "PLATFORM")]
+    pub target_platforms: Vec<String>,
+    /// CPU architectures that may install it, as Rust names them: x86_64, aarch64, arm,
+    /// riscv64 (repeatable; default any).
+    #[arg(long = "arch", value_name = "ARCH")]
+    pub architectures: Vec<String>,
     /// Manifest validity, e.g. 90d.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     pub expires: std::time::Duration,

@@ -293,6 +293,8 @@ pub async fn run(client: &Client, args: &ReleaseArgs, quiet: bool) -> CliResult<
         deltas: Vec::new(),
         compatibility: Compatibility {
             hardware: args.hardware.clone(),
+            platforms: args.target_platforms.clone(),
+            architectures: args.architectures.clone(),
             min_agent_version: min_agent,
             min_native_version: min_native,
         },

@@ -529,7 +529,7 @@ pub(crate) async fn list_devices(
 ) -> ApiResult<JsonValue> {
     let product = visible_product(&who, q.product.as_ref())?;
     let rows = sqlx::query(
-        "SELECT product, device_id, channel, hardware, version, version_code, agent_version, last_seen, enrolled_at FROM devices \
+        "SELECT product, device_id, channel, hardware, platform, architecture, version, version_code, agent_version, last_seen, enrolled_at FROM devices \
          WHERE ($1 = '' OR product = $1) ORDER BY product, device_id LIMIT $2",
     )
     .bind(product.unwrap_or_default())
@@ -543,6 +543,8 @@ pub(crate) async fn list_devices(
             "device_id": r.try_get::<String, _>("device_id")?,
             "channel": r.try_get::<String, _>("channel")?,
             "hardware": r.try_get::<Option<String>, _>("hardware")?,
+            "platform": r.try_get::<Option<String>, _>("platform")?,
+            "architecture": r.try_get::<Option<String>, _>("architecture")?,
             "version": r.try_get::<Option<String>, _>("version")?,
             "version_code": r.try_get::<Option<i64>, _>("version_code")?,
             "agent_version": r.try_get::<Option<String>, _>("agent_version")?,

@@ -29,6 +29,12 @@ pub(crate) struct EnrollRequest {
     channel: String,
     #[serde(default)]
     hardware: Option<String>,
+    /// Operating system or app platform (`linux`, `android`, `ios`, …).
+    #[serde(default)]
+    platform: Option<String>,
+    /// CPU architecture as Rust names it (`x86_64`, `aarch64`, …).
+    #[serde(default)]
+    architecture: Option<String>,
     #[serde(default)]
     version: Option<String>,
     #[serde(default)]
@@ -39,6 +45,13 @@ pub(crate) struct EnrollRequest {
     native_version: Option<String>,
     #[serde(default)]
     enrollment_secret: Option<String>,
+}
+
+/// A release's target list admits the device: the list is empty (any), or names what the
+/// device reported at enrollment. A device that reported nothing gets only untargeted releases,
+/// as its agent would refuse the others.
+fn targets(list: &[String], device: Option<&str>) -> bool {
+    list.is_empty() || device.is_some_and(|d| list.iter().any(|t| t == d))
 }
 
 fn valid_device_id(id: &str) -> bool {
@@ -70,9 +83,13 @@ pub(crate) async fn enroll(
     if !valid_device_id(&req.device_id) {
         return Err(ApiError::bad_request("device_id must be 1-128 characters of [A-Za-z0-9._:-]"));
     }
-    for (field, v) in
-        [("product", Some(&req.product)), ("channel", Some(&req.channel)), ("hardware", req.hardware.as_ref())]
-    {
+    for (field, v) in [
+        ("product", Some(&req.product)),
+        ("channel", Some(&req.channel)),
+        ("hardware", req.hardware.as_ref()),
+        ("platform", req.platform.as_ref()),
+        ("architecture", req.architecture.as_ref()),
+    ] {
         if let Some(v) = v
             && !is_valid_name(v)
         {
@@ -109,13 +126,15 @@ pub(crate) async fn enroll(
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "INSERT INTO devices (product, device_id, channel, hardware, version, version_code, agent_version, native_version, enrolled_at, last_seen) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "INSERT INTO devices (product, device_id, channel, hardware, platform, architecture, version, version_code, agent_version, native_version, enrolled_at, last_seen) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&req.product)
     .bind(&req.device_id)
     .bind(&req.channel)
     .bind(&req.hardware)
+    .bind(&req.platform)
+    .bind(&req.architecture)
     .bind(&req.version)
     .bind(version_code)
     .bind(&req.agent_version)
@@ -225,15 +244,16 @@ pub(crate) async fn check(
         .and_then(|v| v.strip_prefix("Bearer "))
         .filter(|t| t.len() <= 128)
         .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <device token>"))?;
-    let row: Option<(String, String, String, Option<String>, Option<i64>, i64)> = sqlx::query_as(
-        "SELECT t.product, t.device_id, d.channel, d.hardware, t.expires_at, t.revoked FROM tokens t \
+    #[allow(clippy::type_complexity)]
+    let row: Option<(String, String, String, Option<String>, Option<String>, Option<String>, Option<i64>, i64)> = sqlx::query_as(
+        "SELECT t.product, t.device_id, d.channel, d.hardware, d.platform, d.architecture, t.expires_at, t.revoked FROM tokens t \
          JOIN devices d ON d.product = t.product AND d.device_id = t.device_id \
          WHERE t.hash = $1 AND t.scope = 'device'",
     )
     .bind(token_hash(token.trim()))
     .fetch_optional(&state.db.pool)
     .await?;
-    let Some((product, device_id, channel, hardware, expires_at, revoked)) = row else {
+    let Some((product, device_id, channel, hardware, platform, architecture, expires_at, revoked)) = row else {
         return Err(ApiError::unauthorized("unknown device token; enroll again (POST /v1/devices/enroll)"));
     };
     if revoked != 0 || expires_at.is_some_and(|e| e <= now()) {
@@ -256,6 +276,11 @@ pub(crate) async fn check(
         }
         if !m.compatibility.hardware.is_empty()
             && !hardware.as_ref().is_some_and(|h| m.compatibility.hardware.contains(h))
+        {
+            continue;
+        }
+        if !targets(&m.compatibility.platforms, platform.as_deref())
+            || !targets(&m.compatibility.architectures, architecture.as_deref())
         {
             continue;
         }

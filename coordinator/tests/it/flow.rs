@@ -181,6 +181,68 @@ async fn wrong_hardware_and_old_native_shell(engine: Engine) {
     assert_eq!(body["version_code"], 2);
 }
 
+/// Releases that name platforms or architectures are offered only to devices that reported a
+/// listed one at enrollment; a device that reported nothing gets only untargeted releases. The
+/// newest release a device may take is the one it gets, so an older untargeted release still
+/// reaches the devices a newer targeted one excludes.
+async fn platform_and_architecture_targeting(engine: Engine) {
+    let s = start(engine).await;
+    let keys = Keys::new(5);
+    let api = s.create_product("kiosk", &keys, SECRET).await;
+    let (chunked, _) = s.upload(&api, &image(6, 100_000)).await;
+    let m = crate::support::manifest_for("kiosk", "stable", "1.0.0", 1, &chunked);
+    let (status, body) = s.publish(&api, &m, &keys, json!({ "percent": 100 })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mut m = crate::support::manifest_for("kiosk", "stable", "2.0.0", 2, &chunked);
+    m.compatibility.platforms = vec!["android".into()];
+    m.compatibility.architectures = vec!["aarch64".into(), "arm".into()];
+    let (status, body) = s.publish(&api, &m, &keys, json!({ "percent": 100 })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let enroll = |device: &'static str, platform: Option<&'static str>, arch: Option<&'static str>| {
+        let s = &s;
+        async move {
+            let (status, body) = s
+                .post(
+                    "/v1/devices/enroll",
+                    None,
+                    json!({ "device_id": device, "product": "kiosk", "channel": "stable", "enrollment_secret": SECRET,
+                            "platform": platform, "architecture": arch }),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            body["token"].as_str().expect("token").to_owned()
+        }
+    };
+    for (device, platform, arch, expected) in [
+        ("phone", Some("android"), Some("aarch64"), 2),
+        ("old-phone", Some("android"), Some("arm"), 2),
+        ("emulator", Some("android"), Some("x86_64"), 1),
+        ("iphone", Some("ios"), Some("aarch64"), 1),
+        ("silent", None, None, 1),
+    ] {
+        let token = enroll(device, platform, arch).await;
+        let (status, body) = s.get("/v1/updates/check", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{device}: {body}");
+        assert_eq!(body["version_code"], expected, "{device} ({platform:?}, {arch:?})");
+    }
+    let (_, body) = s.get("/v1/devices?product=kiosk", Some(&s.admin)).await;
+    let phone = body["devices"].as_array().expect("devices").iter().find(|d| d["device_id"] == "phone").cloned();
+    let phone = phone.expect("phone listed");
+    assert_eq!((phone["platform"].as_str(), phone["architecture"].as_str()), (Some("android"), Some("aarch64")));
+
+    let (status, body) = s
+        .post(
+            "/v1/devices/enroll",
+            None,
+            json!({ "device_id": "bad", "product": "kiosk", "channel": "stable", "enrollment_secret": SECRET,
+                    "architecture": "x86 64" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("architecture"), "{body}");
+}
+
 /// Checks record last-seen times and versions in memory; a flush writes them all at once
 /// (batched statements), and devices that did not check keep their values.
 async fn last_seen_is_flushed_in_batches(engine: Engine) {
@@ -220,5 +282,6 @@ crate::both_engines!(
     last_seen_is_flushed_in_batches,
     publish_check_install,
     second_release_uploads_only_new_chunks,
-    wrong_hardware_and_old_native_shell
+    wrong_hardware_and_old_native_shell,
+    platform_and_architecture_targeting
 );
