@@ -12,6 +12,7 @@
 //! - [`chunking`]: streaming FastCDC with whole-image SHA-256/BLAKE3 in the same pass.
 //! - [`index`]: the binary chunk index and its bounded decoder.
 //! - [`object`]: chunk objects (raw or zstd) and their bounded, verified decoder.
+//! - [`delta`]: binary patches between images, applied streaming with bounded memory.
 //! - [`archive`]: deterministic tar archives of bundle directories, and safe extraction.
 //! - [`json`]: the strict, bounded JSON parser used for every signed payload.
 //! - [`dsse`]: the DSSE envelope and its pre-authentication encoding (PAE).
@@ -39,6 +40,7 @@
 
 pub mod archive;
 pub mod chunking;
+pub mod delta;
 pub mod dsse;
 pub mod ids;
 pub mod index;
