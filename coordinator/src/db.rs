@@ -59,7 +59,17 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0004_device_targets.sql"),
         postgres: include_str!("../../migrations/postgres/0004_device_targets.sql"),
     },
+    Migration {
+        version: 5,
+        name: "cache_notify",
+        sqlite: include_str!("../../migrations/sqlite/0005_cache_notify.sql"),
+        postgres: include_str!("../../migrations/postgres/0005_cache_notify.sql"),
+    },
 ];
+
+/// PostgreSQL channel on which the release and product tables announce changes
+/// (migration 0005's trigger); replicas listen and reload their cache.
+pub const CACHE_CHANNEL: &str = "flotilla_cache";
 
 /// Arbitrary constant naming the migration lock among PostgreSQL advisory locks.
 const MIGRATION_LOCK: i64 = 0x466c_6f74_696c_6c61;

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use flotilla_core::keys::{Algorithm, SigningKey};
 use tokio_util::sync::CancellationToken;
@@ -125,6 +126,59 @@ async fn bootstrap_admin(state: &AppState) -> Result<(), StartError> {
     Ok(())
 }
 
+/// On PostgreSQL: reloads the release cache whenever another replica (or anyone) changes the
+/// releases or products tables, through `LISTEN flotilla_cache`. A burst of notifications
+/// costs one reload; after a lost connection the cache is reloaded, since notifications sent
+/// meanwhile are gone.
+async fn listen_for_changes(state: AppState, cancel: CancellationToken) {
+    let url = state.config.database_url();
+    let reload = |why: &'static str| {
+        let state = state.clone();
+        async move {
+            if let Err(e) = state.cache.reload(&state.db).await {
+                tracing::warn!(error = %e, why, "release cache reload failed");
+            }
+        }
+    };
+    while !cancel.is_cancelled() {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+            l.listen(crate::db::CACHE_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = match listener.await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN for cache changes; retrying in 5 s (periodic reload goes on)");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                }
+            }
+        };
+        tracing::debug!("listening for release changes");
+        // Changes made before LISTEN took effect.
+        reload("listen started").await;
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return,
+                n = listener.try_recv() => n,
+            };
+            match next {
+                Ok(Some(_)) => {
+                    while listener.next_buffered().is_some() {}
+                    reload("change notified").await;
+                }
+                Ok(None) => reload("listener reconnected").await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache change listener failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Serves on `listener` until `cancel` fires, with the background tasks (last-seen flush,
 /// cache refresh, rollout evaluator).
 ///
@@ -169,6 +223,10 @@ pub async fn serve(
             }
             let _ = crate::api::flush_last_seen(&state).await;
         });
+    }
+    if state.db.engine == crate::db::Engine::Postgres {
+        let (state, cancel) = (state.clone(), cancel.clone());
+        tasks.spawn(listen_for_changes(state, cancel));
     }
     tasks.close();
     let app = crate::api::router(state.clone());

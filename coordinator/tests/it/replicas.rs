@@ -155,3 +155,41 @@ async fn two_replicas_one_database(engine: Engine) {
 }
 
 crate::both_engines!(two_replicas_one_database);
+
+/// On PostgreSQL a replica learns of another's changes through LISTEN/NOTIFY, not by its
+/// periodic reload: here that reload is an hour apart, so only the notification can make B
+/// offer a release published through A, and stop offering it once A halts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_reload_on_notify() {
+    let hourly = |c: &mut Config| c.cache_refresh = Duration::from_secs(3600);
+    let a = start_with(Engine::Postgres, hourly).await;
+    let (url, key) = (a.database_url.clone(), a.state.config.data_dir.join("rollout-key.pem"));
+    let b = start_with(Engine::Postgres, |c| {
+        hourly(c);
+        c.database_url = Some(Secret::new(url));
+        c.rollout_key_file = Some(key);
+    })
+    .await;
+    let keys = Keys::new(33);
+    let api = a.create_product("notify", &keys, SECRET).await;
+    let device = b.enroll("notify", "dev-n", "stable", SECRET, None).await;
+    let check = || {
+        let (url, device, http) = (format!("{}/v1/updates/check", b.url), device.clone(), b.http.clone());
+        async move { http.get(url).bearer_auth(device).send().await.expect("check").status() }
+    };
+    assert_eq!(check().await, StatusCode::NO_CONTENT);
+    let reloads_before = b.state.cache.generation.load(Ordering::Relaxed);
+    let id = release(&a, &api, &keys, "notify", "1.0.0", 1, &image(33, 100_000), json!({ "percent": 100 })).await;
+    wait_for("B to offer the release published through A", LIMIT, || async {
+        (check().await == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert!(b.state.cache.generation.load(Ordering::Relaxed) > reloads_before, "B reloaded its cache");
+
+    let (status, body) = a.post(&format!("/v1/releases/{id}/halt"), Some(&a.admin), json!({ "reason": "test" })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for("B to stop offering the halted release", LIMIT, || async {
+        (check().await == StatusCode::NO_CONTENT).then_some(())
+    })
+    .await;
+}
