@@ -374,6 +374,8 @@ impl Agent {
                 product: &self.config.product,
                 channel: &self.config.channel,
                 hardware: self.config.hardware.as_deref(),
+                platform: &self.config.platform,
+                architecture: &self.config.architecture,
                 version: installed.map(|r| r.version.as_str()),
                 version_code: installed.map(|r| r.version_code),
                 agent_version: AGENT_VERSION,
@@ -641,6 +643,8 @@ impl Agent {
             trusted_now(Timestamp::now(), j.time_floor, signed_time),
         );
         ctx.hardware = self.config.hardware.clone();
+        ctx.platform = Some(self.config.platform.clone());
+        ctx.architecture = Some(self.config.architecture.clone());
         ctx.installed_version_code = j.installed.as_ref().map(|r| r.version_code);
         ctx.security_floor = j.security_floor;
         ctx.agent_version = flotilla_core::version::parse_version(AGENT_VERSION).ok();

@@ -74,6 +74,10 @@ pub struct EnrollRequest<'a> {
     pub channel: &'a str,
     /// Hardware model.
     pub hardware: Option<&'a str>,
+    /// Platform (`linux`, `android`, …).
+    pub platform: &'a str,
+    /// CPU architecture.
+    pub architecture: &'a str,
     /// Installed version.
     pub version: Option<&'a str>,
     /// Installed version_code.

@@ -61,6 +61,14 @@ pub struct Config {
     /// Hardware model, matched against a manifest's `compatibility.hardware`.
     #[serde(default)]
     pub hardware: Option<String>,
+    /// Platform reported at enrollment and matched against `compatibility.platforms`
+    /// (default: the OS this agent was built for, e.g. `linux`; apps set `android` or `ios`).
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// CPU architecture matched against `compatibility.architectures` (default: this build's,
+    /// e.g. `x86_64`, `aarch64`).
+    #[serde(default = "default_architecture")]
+    pub architecture: String,
     /// Native shell version (apps), checked against `min_native_version`.
     #[serde(default)]
     pub native_version: Option<String>,
@@ -269,6 +277,12 @@ pub enum HealthCheck {
 fn default_channel() -> String {
     "production".into()
 }
+fn default_platform() -> String {
+    std::env::consts::OS.into()
+}
+fn default_architecture() -> String {
+    std::env::consts::ARCH.into()
+}
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/flotilla")
 }
@@ -338,6 +352,12 @@ impl Config {
             && !flotilla_core::manifest::is_valid_name(h)
         {
             return invalid("hardware", "1-64 characters of [A-Za-z0-9._+-]");
+        }
+        if !flotilla_core::manifest::is_valid_name(&self.platform) {
+            return invalid("platform", "1-64 characters of [A-Za-z0-9._+-]");
+        }
+        if !flotilla_core::manifest::is_valid_name(&self.architecture) {
+            return invalid("architecture", "1-64 characters of [A-Za-z0-9._+-]");
         }
         if let Some(v) = &self.native_version
             && flotilla_core::version::parse_version(v).is_err()

@@ -105,6 +105,15 @@ fn bad_releases_are_refused_and_the_active_slot_stays() {
     refused(&dev, &["install", export5.to_str().unwrap()], "this device is \"rpi4\"");
     untouched(&dev, "A", &v2);
 
+    // 5b. A release for another CPU architecture: the agent reported its own at enrollment, so
+    // the coordinator does not offer it; from a USB export the agent refuses it.
+    let r5b = publisher.release("5.1.0", &publisher.path("v5.img"), &["--arch", "s390x", "--target-platform", "linux"]);
+    assert_eq!(dev.check_once()["outcome"], "up_to_date", "a release for s390x is not offered");
+    let export5b = publisher.path("export-v5b");
+    publisher.export(r5b["id"].as_i64().unwrap(), &export5b);
+    refused(&dev, &["install", export5b.to_str().unwrap()], "manifest supports architectures [\"s390x\"]");
+    untouched(&dev, "A", &v2);
+
     // 6. A truncated index in an export.
     let export4 = publisher.path("export-v4");
     publisher.export(r4["id"].as_i64().unwrap(), &export4);
