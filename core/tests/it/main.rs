@@ -2,5 +2,6 @@
 
 mod archive;
 mod attacks;
+mod delta;
 mod props;
 mod signing;
