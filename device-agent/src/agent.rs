@@ -1084,3 +1084,6 @@ pub fn resolve_device_id(config: &Config) -> Result<String, AgentError> {
     }
     Ok(id)
 }
+
+/// Apps on `dir` slots: the entry points of the SDK bindings.
+pub mod app;
