@@ -737,6 +737,14 @@ impl Agent {
             parallel: self.config.parallel_downloads,
             attempts: self.config.fetch_attempts,
             max_rate: self.config.max_download_rate,
+            delta: Some(crate::delta::DeltaPlan::new(
+                &m,
+                j.installed.clone(),
+                j.active,
+                &self.paths.dir,
+                self.queue.clone(),
+                src.release_id,
+            )),
         };
         let written = match install::write_slot(plan).await {
             Ok(w) => w,
@@ -771,6 +779,7 @@ impl Agent {
         }
         j.transition(State::Staged, &self.paths.journal())?;
         let _ = std::fs::remove_file(self.paths.progress());
+        crate::delta::DeltaPlan::clean(&self.paths.dir);
         self.event(EventKind::Staged, Some(&release), ByteSources::default(), None);
         crash::point("staged");
         self.activate(j)?;

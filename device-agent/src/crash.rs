@@ -20,6 +20,8 @@ pub const POINTS: &[&str] = &[
     "marked-unbootable",
     "chunk-fetched",
     "chunk-written",
+    "patch-chunk-fetched",
+    "patch-chunk-written",
     "progress-saved",
     "slot-hashed",
     "staged",

@@ -54,7 +54,7 @@ pub struct WireBytes {
 
 impl From<ByteSources> for WireBytes {
     fn from(b: ByteSources) -> Self {
-        Self { peer: b.peer, cdn: b.cdn, local: b.local + b.file, delta: 0 }
+        Self { peer: b.peer, cdn: b.cdn, local: b.local + b.file, delta: b.delta }
     }
 }
 
@@ -134,6 +134,7 @@ impl EventQueue {
             version_code = ?event.version_code,
             cdn = event.bytes.cdn,
             local = event.bytes.local,
+            delta = event.bytes.delta,
             detail = event.detail.as_deref().unwrap_or(""),
             "install event"
         );

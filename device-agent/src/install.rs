@@ -147,6 +147,15 @@ impl ChunkSource {
         }
     }
 
+    /// The coordinator behind this source (patch indexes come from it), if any.
+    pub(crate) fn coordinator(&self) -> Option<&Coordinator> {
+        match self {
+            Self::Coordinator(c) => Some(c),
+            Self::Peer(p) => Some(p.cdn()),
+            Self::Export(_) => None,
+        }
+    }
+
     fn label(&self) -> &'static str {
         match self {
             Self::Coordinator(_) | Self::Peer(_) => "cdn",
@@ -155,7 +164,7 @@ impl ChunkSource {
     }
 
     /// Where the last fetch of `id` came from: `peer`, `cdn` or `file`.
-    fn label_for(&self, id: &ChunkId) -> &'static str {
+    pub(crate) fn label_for(&self, id: &ChunkId) -> &'static str {
         match self {
             Self::Peer(p) => p.source_of(id),
             other => other.label(),
@@ -190,7 +199,7 @@ impl RateCap {
 /// Busy time per install phase, summed over the parallel tasks (so a phase can exceed the
 /// wall time); logged at the end of an install as a cheap profile.
 #[derive(Debug, Default)]
-struct Phases {
+pub(crate) struct Phases {
     fetch: std::sync::atomic::AtomicU64,
     verify: std::sync::atomic::AtomicU64,
     write: std::sync::atomic::AtomicU64,
@@ -336,6 +345,8 @@ pub struct WritePlan<'a> {
     pub attempts: u32,
     /// Bandwidth cap, bytes per second.
     pub max_rate: Option<u64>,
+    /// Patches to consider once local reuse is done ([`crate::delta`]).
+    pub delta: Option<crate::delta::DeltaPlan>,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -509,6 +520,29 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
         }
     }
 
+    // 2b. A patch, when it costs fewer bytes than the chunks still missing.
+    if let Some(delta) = &plan.delta
+        && !todo.order.is_empty()
+    {
+        let cost = todo.order.iter().map(|id| u64::from(todo.places[id].0)).sum();
+        let fetching = crate::delta::Fetching {
+            source: plan.source.clone(),
+            downloads_log: plan.downloads_log.clone(),
+            parallel: plan.parallel,
+            attempts: plan.attempts,
+        };
+        let state = crate::delta::SlotState {
+            file: &file,
+            slot: target,
+            progress: &mut progress,
+            bits: &mut bits,
+            progress_path: &plan.progress_path,
+        };
+        crate::delta::install_from_patch(delta, plan.slots, plan.index, cost, &fetching, state).await?;
+        read_back.advance(frontier.advance(plan.index, &bits));
+        todo = placement(plan.index, &bits);
+    }
+
     // 3. Fetch the rest.
     let started = Instant::now();
     let cap = plan.max_rate.map(|rate| Arc::new(RateCap { started: Instant::now(), rate, bytes: 0.into() }));
@@ -618,7 +652,7 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
 
 /// Fetches a chunk, verifies it and writes it at its places, retrying with backoff; decoding,
 /// verifying and writing share one blocking call. Returns the places.
-async fn fetch_and_write(
+pub(crate) async fn fetch_and_write(
     source: &ChunkSource,
     id: &ChunkId,
     len: u32,

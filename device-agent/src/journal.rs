@@ -124,6 +124,10 @@ pub struct ByteSources {
     pub peer: u64,
     /// Read from a local export (USB install).
     pub file: u64,
+    /// Patch bytes fetched (from peers or the CDN); the image bytes a patch produced are
+    /// not counted elsewhere.
+    #[serde(default)]
+    pub delta: u64,
 }
 
 /// The release being installed into the inactive slot.

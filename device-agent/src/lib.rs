@@ -14,6 +14,7 @@
 //! - [`config`]: the TOML config.
 //! - [`agent`]: check, install, boot-check, mark-good, status, the daemon loop.
 //! - [`install`]: the slot writer: plan, reuse, parallel verified fetch, resume.
+//! - [`delta`]: installing from a binary patch: plan, base check, fetch, streaming apply.
 //! - [`journal`]: the persisted state machine and download progress.
 //! - [`durable`]: atomic, checksummed file writes.
 //! - [`slot`]: `file` and `dir` slots.
@@ -44,6 +45,7 @@ pub mod boot;
 pub mod client;
 pub mod config;
 pub mod crash;
+pub mod delta;
 pub mod durable;
 pub mod events;
 pub mod health;

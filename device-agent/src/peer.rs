@@ -257,6 +257,16 @@ impl PeerFirst {
         self.provider.serve(slots.image_path(slot), index);
     }
 
+    /// Serves the chunks of a patch file through its index, as they arrive.
+    pub fn serve_file(&self, path: PathBuf, index: &ChunkIndex) {
+        self.provider.serve(path, index);
+    }
+
+    /// The coordinator this source falls back to.
+    pub(crate) fn cdn(&self) -> &Coordinator {
+        &self.cdn
+    }
+
     /// The object of `id`: from a peer (verified by the mesh), else from the CDN.
     ///
     /// # Errors
