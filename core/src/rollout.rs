@@ -376,6 +376,48 @@ impl RolloutDirective {
         }
         Ok(d)
     }
+
+    /// Checks that this directive names exactly `manifest` (the two-signer rule of offline
+    /// sites: the publisher signed the release, the rollout role signed who gets it).
+    ///
+    /// # Errors
+    /// [`AssignmentError::Mismatch`] with the first field that differs.
+    pub fn check_agreement(&self, manifest: &VerifiedManifest) -> Result<(), AssignmentError> {
+        let m = manifest.manifest();
+        let mismatch = |field| Err(AssignmentError::Mismatch { field });
+        if self.product != m.product {
+            return mismatch("product");
+        }
+        if self.channel != m.channel {
+            return mismatch("channel");
+        }
+        let want = AssignedRelease::for_manifest(manifest);
+        let r = &self.release;
+        if r.version_code != want.version_code {
+            return mismatch("version_code");
+        }
+        if r.version != want.version {
+            return mismatch("version");
+        }
+        if r.manifest_sha256 != want.manifest_sha256 {
+            return mismatch("manifest_sha256");
+        }
+        if r.image_size != want.image_size {
+            return mismatch("image_size");
+        }
+        if r.image_sha256 != want.image_sha256 {
+            return mismatch("image_sha256");
+        }
+        if r.index_id != want.index_id {
+            return mismatch("index_id");
+        }
+        Ok(())
+    }
+
+    /// Whether `device_id` is in this directive's share of devices ([`in_rollout`]).
+    pub fn includes(&self, device_id: &str) -> bool {
+        in_rollout(&self.salt, device_id, self.basis_points)
+    }
 }
 
 #[cfg(test)]
@@ -397,5 +439,32 @@ mod tests {
         }));
         assert!(!in_rollout(&salt, "x", 0));
         assert!(in_rollout(&salt, "x", FULL_ROLLOUT));
+    }
+
+    #[test]
+    fn a_directive_must_name_the_manifest_it_is_applied_to() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/attacks/valid/");
+        let read = |f: &str| std::fs::read(format!("{dir}{f}")).unwrap();
+        let root = TrustRoot::from_trusted_json(&read("root.json")).unwrap();
+        let now: Timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
+        let m = crate::manifest::verify_signed(&read("manifest.json"), &root, now).unwrap();
+        let man = m.manifest();
+        let mut d = RolloutDirective {
+            schema_version: ROLLOUT_SCHEMA_VERSION,
+            product: man.product.clone(),
+            channel: man.channel.clone(),
+            release: AssignedRelease::for_manifest(&m),
+            basis_points: 5_000,
+            salt: RolloutSalt::from_bytes([7; 16]),
+            issued_at: now,
+            expires_at: now,
+        };
+        d.check_agreement(&m).unwrap();
+        d.release.image_size += 1;
+        assert!(matches!(d.check_agreement(&m), Err(AssignmentError::Mismatch { field: "image_size" })));
+        d.release.image_size -= 1;
+        d.channel = "beta".into();
+        assert!(matches!(d.check_agreement(&m), Err(AssignmentError::Mismatch { field: "channel" })));
+        assert_eq!(d.includes("dev-1"), in_rollout(&d.salt, "dev-1", 5_000));
     }
 }

@@ -128,6 +128,9 @@ pub struct ServeOptions {
     pub stats_every: Duration,
     /// Upload budget in bytes per second over all peers; `None`: unlimited.
     pub max_upload_rate: Option<u64>,
+    /// How often the releases imported with a rollout directive are offered to the site
+    /// (devices that join later hear the next round).
+    pub announce_every: Duration,
     /// Test only: serve bad chunks (a malicious peer).
     pub corrupt: Option<Corruption>,
 }
@@ -145,6 +148,14 @@ pub enum Corruption {
 struct Corrupting(Arc<DiskStore>, Corruption);
 
 impl ChunkProvider for Corrupting {
+    fn index(&self, id: &flotilla_core::ids::IndexId) -> Option<Vec<u8>> {
+        self.0.index(id)
+    }
+
+    fn have_map(&self, id: &flotilla_core::ids::IndexId) -> Option<Vec<u8>> {
+        self.0.have_map(id)
+    }
+
     fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
         let mut obj = self.0.object(id, len)?;
         match self.1 {
@@ -182,7 +193,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     config.listen = opts.listen.clone();
     config.bootstrap = opts.bootstrap.clone();
     config.mdns = opts.mdns;
-    config.trust_root = Some(root);
+    config.trust_root = Some(root.clone());
     config.keypair = Some(key);
     config.max_upload_rate = opts.max_upload_rate;
     let provider: Arc<dyn ChunkProvider> = match opts.corrupt {
@@ -194,15 +205,29 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
         println!("listening on {addr}");
     }
     let mut every = tokio::time::interval(opts.stats_every);
+    let mut announce = tokio::time::interval(opts.announce_every);
+    announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut offered = 0u64;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = announce.tick() => {
+                // Re-read each round: `flotilla-mesh import` may add releases while serving.
+                let (s, r) = (store.clone(), root.clone());
+                let offers = tokio::task::spawn_blocking(move || s.offers(&r, Timestamp::now())).await.unwrap_or_default();
+                for offer in offers {
+                    // No subscribed peer yet is normal: the next round tries again.
+                    if mesh.announce_offer(offer).await.is_ok() {
+                        offered += 1;
+                    }
+                }
+            }
             _ = every.tick() => {
                 let s = mesh.stats().await?;
                 let st = store.stats();
                 println!(
-                    "stats peers={} served_chunks={} served_bytes={} busy={} bans={} bad_chunks={} store_chunks={} store_bytes={}",
+                    "stats peers={} served_chunks={} served_bytes={} busy={} bans={} bad_chunks={} store_chunks={} store_bytes={} offers_sent={offered}",
                     s.peers, s.served_chunks, s.served_bytes, s.busy, s.bans, s.bad_chunks, st.chunks, st.bytes
                 );
             }

@@ -13,7 +13,8 @@
 //!
 //! # Layout
 //! - [`node`]: the [`Mesh`] handle and the actor owning the libp2p swarm.
-//! - [`protocol`]: the chunk request/response protocol and its bounded codec.
+//! - [`offer`]: signed offers (release + rollout directive) for sites without a coordinator.
+//! - [`protocol`]: the chunk and release request/response protocols and their bounded codecs.
 //! - [`store`]: what a node serves ([`ChunkProvider`]) and the site cache's LRU store.
 //! - [`rendezvous`]: which peer of a site fetches a chunk from the origin.
 //! - [`cache`]: the `flotilla-mesh` site-cache commands.
@@ -37,6 +38,7 @@
 
 pub mod cache;
 pub mod node;
+pub mod offer;
 pub mod protocol;
 pub mod rendezvous;
 pub mod store;

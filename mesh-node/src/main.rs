@@ -57,6 +57,9 @@ enum Command {
         /// Upload budget in bytes per second over all peers (default: unlimited).
         #[arg(long, env = "FLOTILLA_MESH_MAX_UPLOAD_RATE")]
         max_upload_rate: Option<u64>,
+        /// How often releases imported with a rollout directive are offered to the site.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        announce_every: Duration,
         /// Tests only: serve bad chunks.
         #[arg(long, hide = true, env = "FLOTILLA_MESH_TEST_CORRUPT")]
         test_corrupt: Option<cache::Corruption>,
@@ -78,7 +81,17 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Serve { store, listen, bootstrap, no_mdns, import, stats_every, max_upload_rate, test_corrupt } => {
+        Command::Serve {
+            store,
+            listen,
+            bootstrap,
+            no_mdns,
+            import,
+            stats_every,
+            announce_every,
+            max_upload_rate,
+            test_corrupt,
+        } => {
             let opts = ServeOptions {
                 store: store.store,
                 max_bytes: store.max_bytes,
@@ -89,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
                 import,
                 stats_every,
                 max_upload_rate,
+                announce_every,
                 corrupt: test_corrupt,
             };
             cache::serve(opts, shutdown_signal()).await.context("serving")?;
@@ -97,7 +111,11 @@ async fn main() -> anyhow::Result<()> {
             let root = cache::load_trust_root(&store.trust_root)?;
             let db = DiskStore::open(&store.store, store.max_bytes).context("opening the store")?;
             let r = cache::import(&db, &export, &root).with_context(|| format!("importing {}", export.display()))?;
-            println!("imported {} {}: {} chunks, {} new", r.product, r.version, r.chunks, r.added);
+            let offered = r.directive_basis_points.map_or_else(
+                || "no rollout directive".to_owned(),
+                |bp| format!("offered to {}% of devices", f64::from(bp) / 100.0),
+            );
+            println!("imported {} {}: {} chunks, {} new; {offered}", r.product, r.version, r.chunks, r.added);
         }
     }
     Ok(())

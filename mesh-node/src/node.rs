@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flotilla_core::ids::ChunkId;
+use flotilla_core::ids::{ChunkId, IndexId};
 use flotilla_core::manifest::VerifiedManifest;
 use flotilla_core::trust::TrustRoot;
 use futures::StreamExt as _;
@@ -24,7 +24,8 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, gossipsub, identity};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::protocol::{ChunkRequest, ChunkResponse};
+use crate::offer::{OFFERS_TOPIC, VerifiedOffer};
+use crate::protocol::{ChunkRequest, ChunkResponse, ReleaseAsk, ReleaseRequest, ReleaseResponse};
 use crate::store::ChunkProvider;
 
 mod actor;
@@ -141,6 +142,14 @@ pub enum MeshError {
         /// Peers asked.
         asked: usize,
     },
+    /// No peer could provide the chunk index.
+    #[error("no peer provided index {id} ({asked} asked)")]
+    IndexNotFound {
+        /// The index.
+        id: IndexId,
+        /// Peers asked.
+        asked: usize,
+    },
     /// An announcement could not be published (no peer subscribed, too large…).
     #[error("announcing: {0}")]
     Announce(String),
@@ -204,7 +213,8 @@ enum Command {
     Ban { peer: PeerId },
     Peers { reply: oneshot::Sender<Vec<PeerInfo>> },
     ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
-    Announce { envelope: Vec<u8>, reply: oneshot::Sender<Result<(), MeshError>> },
+    Announce { envelope: Vec<u8>, offer: bool, reply: oneshot::Sender<Result<(), MeshError>> },
+    Release { req: ReleaseRequest, peer: PeerId, reply: actor::ReleaseReply },
 }
 
 /// What one peer answered.
@@ -221,6 +231,7 @@ pub struct Mesh {
     local: PeerId,
     counters: Arc<Counters>,
     announcements: broadcast::Sender<VerifiedManifest>,
+    offers: broadcast::Sender<VerifiedOffer>,
 }
 
 impl std::fmt::Debug for Command {
@@ -231,6 +242,7 @@ impl std::fmt::Debug for Command {
             Self::Peers { .. } => "Peers",
             Self::ListenAddrs { .. } => "ListenAddrs",
             Self::Announce { .. } => "Announce",
+            Self::Release { .. } => "Release",
         })
     }
 }
@@ -276,6 +288,13 @@ impl Mesh {
             .gossipsub
             .subscribe(&topic)
             .map_err(|e| MeshError::Start(format!("subscribing to announcements: {e}")))?;
+        let offers_topic = gossipsub::IdentTopic::new(OFFERS_TOPIC);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&offers_topic)
+            .map_err(|e| MeshError::Start(format!("subscribing to offers: {e}")))?;
+        let (offers, _) = broadcast::channel(16);
         let (tx, rx) = mpsc::channel(256);
         let counters = Arc::new(Counters::default());
         let (announcements, _) = broadcast::channel(16);
@@ -287,9 +306,11 @@ impl Mesh {
             counters: counters.clone(),
             announcements: announcements.clone(),
             topic,
+            offers: offers.clone(),
+            offers_topic,
             listen_addrs: addrs,
         });
-        Ok(Self { tx, local, counters, announcements })
+        Ok(Self { tx, local, counters, announcements, offers })
     }
 
     /// This node's peer id.
@@ -394,13 +415,69 @@ impl Mesh {
     /// [`MeshError::Announce`] (for instance when no peer subscribes yet).
     pub async fn announce(&self, envelope: Vec<u8>) -> Result<(), MeshError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Announce { envelope, reply }).await?;
+        self.send(Command::Announce { envelope, offer: false, reply }).await?;
         rx.await.map_err(|_| MeshError::Stopped)?
     }
 
     /// Announcements that verified against [`MeshConfig::trust_root`], from now on.
     pub fn announcements(&self) -> broadcast::Receiver<VerifiedManifest> {
         self.announcements.subscribe()
+    }
+
+    /// Publishes an encoded offer ([`crate::offer`]) on [`OFFERS_TOPIC`].
+    ///
+    /// # Errors
+    /// [`MeshError::Announce`] (for instance when no peer subscribes yet).
+    pub async fn announce_offer(&self, offer: Vec<u8>) -> Result<(), MeshError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Announce { envelope: offer, offer: true, reply }).await?;
+        rx.await.map_err(|_| MeshError::Stopped)?
+    }
+
+    /// Offers that verified against [`MeshConfig::trust_root`] (manifest, directive and their
+    /// agreement), from now on.
+    pub fn offers(&self) -> broadcast::Receiver<VerifiedOffer> {
+        self.offers.subscribe()
+    }
+
+    /// Asks `peer` about release `index`; `None` when the request failed.
+    async fn ask_release(&self, peer: PeerId, ask: ReleaseAsk, index: IndexId, max_len: u32) -> Option<Vec<u8>> {
+        let (reply, rx) = oneshot::channel();
+        let req = ReleaseRequest { ask, index, max_len };
+        self.send(Command::Release { req, peer, reply }).await.ok()?;
+        match rx.await.ok()?.1? {
+            ReleaseResponse::Found(b) => Some(b),
+            ReleaseResponse::NotFound => None,
+        }
+    }
+
+    /// Fetches the chunk index `id` (at most `max_len` bytes, the size the manifest declares)
+    /// from the connected peers, caches first; a peer whose answer does not hash to `id` is
+    /// banned.
+    ///
+    /// # Errors
+    /// [`MeshError::IndexNotFound`] when no peer had it; [`MeshError::Stopped`].
+    pub async fn fetch_index(&self, id: IndexId, max_len: u64) -> Result<Vec<u8>, MeshError> {
+        let max = u32::try_from(max_len).unwrap_or(u32::MAX).min(crate::protocol::MAX_RELEASE_DATA);
+        let mut peers = self.peers().await?;
+        // Caches hold whole releases: ask them first.
+        peers.sort_by_key(|p| p.role != Some(Role::Cache));
+        for p in &peers {
+            let Some(bytes) = self.ask_release(p.id, ReleaseAsk::Index, id, max).await else { continue };
+            if IndexId::of(&bytes) == id {
+                return Ok(bytes);
+            }
+            tracing::warn!(peer = %p.id, index = %id, "peer sent a wrong index; banning it");
+            self.counters.bad_chunks.fetch_add(1, Ordering::Relaxed);
+            self.ban(p.id).await?;
+        }
+        Err(MeshError::IndexNotFound { id, asked: peers.len() })
+    }
+
+    /// The have-map of release `index` that `peer` holds ([`crate::store::ChunkProvider::have_map`]),
+    /// at most `max_len` bytes; `None` when it does not know the release or did not answer.
+    pub async fn have_map(&self, peer: PeerId, index: IndexId, max_len: u32) -> Option<Vec<u8>> {
+        self.ask_release(peer, ReleaseAsk::HaveMap, index, max_len.max(1)).await
     }
 
     /// The counters now.
@@ -527,6 +604,48 @@ mod tests {
         assert!(matches!(client.fetch(id, len).await, Err(MeshError::NotFound { asked: 1, .. })));
         let stats = server.stats().await.unwrap();
         assert_eq!((stats.served_chunks, stats.busy), (1, 1));
+    }
+
+    /// Holds one index; a liar answers every index request with other bytes.
+    struct OneIndex(Vec<u8>, bool);
+
+    impl ChunkProvider for OneIndex {
+        fn object(&self, _: &ChunkId, _: u32) -> Option<Vec<u8>> {
+            None
+        }
+
+        fn index(&self, id: &IndexId) -> Option<Vec<u8>> {
+            if self.1 {
+                return Some(b"not the index you asked for".to_vec());
+            }
+            (IndexId::of(&self.0) == *id).then(|| self.0.clone())
+        }
+
+        fn have_map(&self, id: &IndexId) -> Option<Vec<u8>> {
+            (IndexId::of(&self.0) == *id).then(|| vec![0b101])
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn indexes_come_from_peers_verified_and_a_liar_is_banned() {
+        let index = b"an encoded index, as far as the mesh cares".to_vec();
+        let id = IndexId::of(&index);
+        let liar = Mesh::start(loopback(Role::Cache), Arc::new(OneIndex(index.clone(), true))).await.unwrap();
+        let honest = Mesh::start(loopback(Role::Agent), Arc::new(OneIndex(index.clone(), false))).await.unwrap();
+        let mut config = loopback(Role::Agent);
+        config.bootstrap =
+            vec![liar.listen_addrs().await.unwrap()[0].clone(), honest.listen_addrs().await.unwrap()[0].clone()];
+        let client = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+        client.wait_for_peers(2, Duration::from_secs(10)).await.unwrap();
+        // The cache is asked first, lies, and is banned; the agent's copy verifies.
+        assert_eq!(client.fetch_index(id, 1 << 20).await.unwrap(), index);
+        assert_eq!(client.stats().await.unwrap().bans, 1);
+        assert_eq!(client.have_map(honest.peer_id(), id, 64).await, Some(vec![0b101]));
+        assert_eq!(client.have_map(honest.peer_id(), IndexId::of(b"other"), 64).await, None);
+        // An answer over the asker's bound is not sent.
+        assert!(matches!(client.fetch_index(id, 8).await, Err(MeshError::IndexNotFound { asked: 1, .. })));
+        let e = client.fetch_index(IndexId::of(b"unknown"), 1 << 20).await.unwrap_err();
+        assert!(matches!(e, MeshError::IndexNotFound { asked: 1, .. }), "{e}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

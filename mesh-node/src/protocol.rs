@@ -6,10 +6,18 @@
 //! `flotilla_core::object` encodes it). The stock request-response codecs cap messages at
 //! 1 MiB / 10 MiB and trust the declared length; this one reads exactly what it declares and
 //! refuses anything over [`MAX_OBJECT_LEN`] before allocating.
+//!
+//! `/flotilla/release/1` ([`RELEASE_PROTOCOL`]) carries what peers need about a release
+//! besides its chunks: its chunk index (by [`IndexId`], verified by the asker against the id
+//! and then against the signed manifest) and have-maps (one bit per index entry, set when the
+//! peer holds that entry's chunk). A request is a tag byte, the 32-byte index id and the
+//! largest answer the asker accepts (big-endian u32); the answer is a tag byte, then for
+//! [`ReleaseResponse::Found`] a big-endian u32 length and the bytes, at most the asker's
+//! bound and [`MAX_RELEASE_DATA`].
 
 use std::io;
 
-use flotilla_core::ids::ChunkId;
+use flotilla_core::ids::{ChunkId, IndexId};
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use libp2p::StreamProtocol;
 
@@ -117,6 +125,128 @@ impl libp2p::request_response::Codec for ChunkCodec {
     }
 }
 
+/// The release protocol's name.
+pub const RELEASE_PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/release/1");
+
+/// Largest index or have-map answer (an index of 16 MiB lists about 466 000 chunks).
+pub const MAX_RELEASE_DATA: u32 = 16 << 20;
+
+/// What a [`ReleaseRequest`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseAsk {
+    /// The encoded chunk index.
+    Index,
+    /// The have-map over the index's entries.
+    HaveMap,
+}
+
+/// A request about one release, named by its index id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReleaseRequest {
+    /// What is asked for.
+    pub ask: ReleaseAsk,
+    /// The release's index.
+    pub index: IndexId,
+    /// The largest answer accepted.
+    pub max_len: u32,
+}
+
+/// The answer to a [`ReleaseRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseResponse {
+    /// The bytes asked for.
+    Found(Vec<u8>),
+    /// The peer does not know the release.
+    NotFound,
+}
+
+/// The codec of [`RELEASE_PROTOCOL`] (stateless).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReleaseCodec;
+
+impl libp2p::request_response::Codec for ReleaseCodec {
+    type Protocol = StreamProtocol;
+    type Request = ReleaseRequest;
+    type Response = ReleaseResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ReleaseRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let mut buf = [0u8; 37];
+        io.read_exact(&mut buf).await?;
+        let ask = match buf[0] {
+            0 => ReleaseAsk::Index,
+            1 => ReleaseAsk::HaveMap,
+            other => return Err(invalid(format!("unknown release request {other}"))),
+        };
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&buf[1..33]);
+        let max_len = u32::from_be_bytes([buf[33], buf[34], buf[35], buf[36]]);
+        if max_len == 0 || max_len > MAX_RELEASE_DATA {
+            return Err(invalid(format!("release request bound of {max_len} bytes (limit {MAX_RELEASE_DATA})")));
+        }
+        Ok(ReleaseRequest { ask, index: IndexId::from_bytes(id), max_len })
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ReleaseResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let mut tag = [0u8; 1];
+        io.read_exact(&mut tag).await?;
+        match tag[0] {
+            TAG_OBJECT => {
+                let mut len = [0u8; 4];
+                io.read_exact(&mut len).await?;
+                let len = u32::from_be_bytes(len);
+                if len == 0 || len > MAX_RELEASE_DATA {
+                    return Err(invalid(format!("release answer of {len} bytes (limit {MAX_RELEASE_DATA})")));
+                }
+                let mut data = vec![0u8; len as usize];
+                io.read_exact(&mut data).await?;
+                Ok(ReleaseResponse::Found(data))
+            }
+            TAG_NOT_FOUND => Ok(ReleaseResponse::NotFound),
+            other => Err(invalid(format!("unknown answer tag {other}"))),
+        }
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: ReleaseRequest) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let mut buf = [0u8; 37];
+        buf[0] = match req.ask {
+            ReleaseAsk::Index => 0,
+            ReleaseAsk::HaveMap => 1,
+        };
+        buf[1..33].copy_from_slice(req.index.as_bytes());
+        buf[33..].copy_from_slice(&req.max_len.to_be_bytes());
+        io.write_all(&buf).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: ReleaseResponse) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        match res {
+            ReleaseResponse::Found(data) => {
+                let len = u32::try_from(data.len())
+                    .ok()
+                    .filter(|l| *l > 0 && *l <= MAX_RELEASE_DATA)
+                    .ok_or_else(|| invalid(format!("release answer of {} bytes", data.len())))?;
+                io.write_all(&[TAG_OBJECT]).await?;
+                io.write_all(&len.to_be_bytes()).await?;
+                io.write_all(&data).await?;
+            }
+            ReleaseResponse::NotFound => io.write_all(&[TAG_NOT_FOUND]).await?,
+        }
+        io.close().await
+    }
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
@@ -181,6 +311,30 @@ mod tests {
         assert!(decode_request(&req).is_err());
         req[32..].copy_from_slice(&0u32.to_be_bytes());
         assert!(decode_request(&req).is_err());
+    }
+
+    #[test]
+    fn release_messages_roundtrip_and_are_bounded() {
+        let req = ReleaseRequest { ask: ReleaseAsk::HaveMap, index: IndexId::of(b"i"), max_len: 512 };
+        let mut wire = futures::io::Cursor::new(Vec::new());
+        block_on(ReleaseCodec.write_request(&RELEASE_PROTOCOL, &mut wire, req)).unwrap();
+        let mut bytes = wire.into_inner();
+        let mut rd = futures::io::Cursor::new(bytes.clone());
+        assert_eq!(block_on(ReleaseCodec.read_request(&RELEASE_PROTOCOL, &mut rd)).unwrap(), req);
+        bytes[33..].copy_from_slice(&(MAX_RELEASE_DATA + 1).to_be_bytes());
+        let mut rd = futures::io::Cursor::new(bytes);
+        assert!(block_on(ReleaseCodec.read_request(&RELEASE_PROTOCOL, &mut rd)).is_err());
+
+        for res in [ReleaseResponse::Found(vec![1, 2, 3]), ReleaseResponse::NotFound] {
+            let mut wire = futures::io::Cursor::new(Vec::new());
+            block_on(ReleaseCodec.write_response(&RELEASE_PROTOCOL, &mut wire, res.clone())).unwrap();
+            let mut rd = futures::io::Cursor::new(wire.into_inner());
+            assert_eq!(block_on(ReleaseCodec.read_response(&RELEASE_PROTOCOL, &mut rd)).unwrap(), res);
+        }
+        let mut wire = vec![TAG_OBJECT];
+        wire.extend_from_slice(&(MAX_RELEASE_DATA + 1).to_be_bytes());
+        let mut rd = futures::io::Cursor::new(wire);
+        assert!(block_on(ReleaseCodec.read_response(&RELEASE_PROTOCOL, &mut rd)).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use flotilla_core::ids::ChunkId;
+use flotilla_core::ids::{ChunkId, IndexId};
 use flotilla_core::manifest::VerifiedManifest;
 use flotilla_core::object;
 use flotilla_core::time::Timestamp;
@@ -24,6 +24,29 @@ pub trait ChunkProvider: Send + Sync + 'static {
     /// The object (as `flotilla_core::object` encodes it) of chunk `id`, `len` bytes long,
     /// when held for a verified release and intact; `None` otherwise.
     fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>>;
+
+    /// The encoded chunk index `id` of a verified release held; `None` by default.
+    fn index(&self, _id: &IndexId) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// The have-map of release `id`: bit `i` (of byte `i / 8`, least significant bit first)
+    /// set when the chunk of index entry `i` is held; `None` (the default) when the release
+    /// is unknown.
+    fn have_map(&self, _id: &IndexId) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// A have-map over `index` with a bit set for each entry whose chunk `has`.
+pub fn have_map_of(index: &flotilla_core::index::ChunkIndex, mut has: impl FnMut(&ChunkId) -> bool) -> Vec<u8> {
+    let mut bits = vec![0u8; index.len().div_ceil(8).max(1)];
+    for (i, e) in index.entries().iter().enumerate() {
+        if has(&e.id) {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+    }
+    bits
 }
 
 /// A provider with nothing to serve (a node that only fetches).
@@ -62,6 +85,18 @@ pub enum StoreError {
     /// The export is not a readable tar.
     #[error("export archive: {0}")]
     Archive(#[from] flotilla_core::archive::ArchiveError),
+    /// The export's rollout directive did not verify or names another release.
+    #[error("export directive: {0}")]
+    Directive(#[from] flotilla_core::rollout::AssignmentError),
+}
+
+/// The rollout directive's file in an export and in a store's release directory.
+pub const DIRECTIVE_FILE: &str = "directive.json";
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -133,6 +168,9 @@ pub struct ImportReport {
     pub chunks: u64,
     /// Chunks newly stored (the rest were there already).
     pub added: u64,
+    /// The share of devices of the export's rollout directive, in basis points, when it
+    /// carried one: the cache then offers the release to its site.
+    pub directive_basis_points: Option<u16>,
 }
 
 /// The site cache's chunk store: `<dir>/chunks/ab/<id>` object files, at most `max_bytes` of
@@ -257,7 +295,53 @@ impl DiskStore {
         let manifest_path = export.join("manifest.json");
         let envelope = std::fs::read(&manifest_path).map_err(io_err(&manifest_path))?;
         let m = flotilla_core::manifest::verify_signed(&envelope, root, now)?;
-        self.import_verified(export, &m)
+        let directive_path = export.join(DIRECTIVE_FILE);
+        let directive = match std::fs::read(&directive_path) {
+            Ok(bytes) => {
+                let d = flotilla_core::rollout::RolloutDirective::verify(&bytes, root, now)?;
+                d.check_agreement(&m)?;
+                Some((bytes, d.basis_points))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&directive_path)(e)),
+        };
+        let mut report = self.import_verified(export, &m)?;
+        // The release is kept (and offered, with a directive) only once all its chunks are in.
+        let rel = self.release_dir(&m.manifest().index.id);
+        std::fs::create_dir_all(&rel).map_err(io_err(&rel))?;
+        let index_src = export.join("index.bin");
+        std::fs::copy(&index_src, rel.join("index.bin")).map_err(io_err(&index_src))?;
+        if let Some((bytes, bp)) = directive {
+            // An older directive of the same release is replaced: the newest import wins.
+            write_file(&rel.join(DIRECTIVE_FILE), &bytes)?;
+            report.directive_basis_points = Some(bp);
+        }
+        write_file(&rel.join("manifest.json"), &envelope)?;
+        Ok(report)
+    }
+
+    fn release_dir(&self, id: &IndexId) -> PathBuf {
+        self.dir.join("releases").join(id.to_hex())
+    }
+
+    /// Encoded offers ([`crate::offer`]) of the imported releases that came with a directive
+    /// and still verify against `root` at `now`.
+    pub fn offers(&self, root: &TrustRoot, now: Timestamp) -> Vec<Vec<u8>> {
+        let Ok(dirs) = std::fs::read_dir(self.dir.join("releases")) else { return Vec::new() };
+        let mut out = Vec::new();
+        for d in dirs.flatten() {
+            let (Ok(m), Ok(directive)) =
+                (std::fs::read(d.path().join("manifest.json")), std::fs::read(d.path().join(DIRECTIVE_FILE)))
+            else {
+                continue;
+            };
+            let Ok(offer) = crate::offer::encode(&m, &directive) else { continue };
+            match crate::offer::VerifiedOffer::verify(&offer, root, now) {
+                Ok(_) => out.push(offer),
+                Err(e) => tracing::warn!(release = %d.path().display(), error = %e, "stored offer no longer verifies"),
+            }
+        }
+        out
     }
 
     fn import_verified(&self, export: &Path, m: &VerifiedManifest) -> Result<ImportReport, StoreError> {
@@ -290,7 +374,25 @@ impl DiskStore {
     }
 }
 
+impl DiskStore {
+    /// The index of a stored release, checked against its id.
+    fn stored_index(&self, id: &IndexId) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.release_dir(id).join("index.bin")).ok()?;
+        (IndexId::of(&bytes) == *id).then_some(bytes)
+    }
+}
+
 impl ChunkProvider for DiskStore {
+    fn index(&self, id: &IndexId) -> Option<Vec<u8>> {
+        self.stored_index(id)
+    }
+
+    fn have_map(&self, id: &IndexId) -> Option<Vec<u8>> {
+        let index = flotilla_core::index::ChunkIndex::decode(&self.stored_index(id)?).ok()?;
+        let lru = self.lock();
+        Some(have_map_of(&index, |c| lru.entries.contains_key(c)))
+    }
+
     fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
         if !self.lock().touch(id) {
             return None;

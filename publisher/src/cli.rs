@@ -341,6 +341,20 @@ pub struct ExportArgs {
     pub id: i64,
     /// Output directory (created; must be empty), or a new `FILE.tar`.
     pub out: PathBuf,
+    /// Sign a rollout directive into the export (`directive.json`) with this `rollout`-role
+    /// key (the coordinator's `rollout-key.pem`): offline sites then apply the staged rollout
+    /// themselves.
+    #[arg(long)]
+    pub directive_key: Option<PathBuf>,
+    /// The directive's share of devices in percent (default: the release's rollout percent).
+    #[arg(long, requires = "directive_key")]
+    pub percent: Option<f64>,
+    /// The directive's bucketing salt, 32 hex digits (default: a random one).
+    #[arg(long, requires = "directive_key")]
+    pub salt: Option<flotilla_core::rollout::RolloutSalt>,
+    /// How long the directive stays valid.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    pub directive_ttl: std::time::Duration,
 }
 
 /// `verify`.

@@ -4,12 +4,14 @@
 use std::path::{Path, PathBuf};
 
 use flotilla_core::chunking::Chunker;
-use flotilla_core::manifest::verify_signed;
+use flotilla_core::manifest::{VerifiedManifest, verify_signed};
+use flotilla_core::rollout::{AssignedRelease, ROLLOUT_SCHEMA_VERSION, RolloutDirective, RolloutSalt};
 use flotilla_core::time::Timestamp;
 use flotilla_core::trust::TrustRoot;
 use serde_json::{Value, json};
 use sha2::Digest as _;
 
+use crate::cli::ExportArgs;
 use crate::client::Client;
 use crate::error::{CliError, CliResult, Kind, io_err};
 use crate::release::progress;
@@ -20,6 +22,8 @@ pub const TRUST_ROOT_FILE: &str = "trust-root.json";
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The chunk index.
 pub const INDEX_FILE: &str = "index.bin";
+/// The signed rollout directive (present when exported with `--directive-key`).
+pub const DIRECTIVE_FILE: &str = "directive.json";
 
 fn chunk_path(dir: &Path, id: &str) -> PathBuf {
     dir.join("chunks").join(&id[..2]).join(id)
@@ -32,9 +36,16 @@ fn is_tar(path: &Path) -> bool {
 
 /// `flotilla export ID DIR|FILE.tar`: a directory, or the same tree as one deterministic tar
 /// (written under a temporary name and renamed, so a cut never leaves a half tar behind).
-pub async fn export_any(client: &Client, id: i64, out: &Path, quiet: bool) -> CliResult<Value> {
+pub async fn export_any(client: &Client, args: &ExportArgs, quiet: bool) -> CliResult<Value> {
+    let (id, out) = (args.id, args.out.as_path());
+    let directive = args.directive_key.as_deref().map(|key| DirectiveArgs {
+        key,
+        percent: args.percent,
+        salt: args.salt,
+        ttl: args.directive_ttl,
+    });
     if !is_tar(out) {
-        return export(client, id, out, quiet).await;
+        return export(client, id, out, directive, quiet).await;
     }
     if out.exists() {
         return Err(CliError::usage(format!("{} exists; export into a new file", out.display())));
@@ -42,7 +53,7 @@ pub async fn export_any(client: &Client, id: i64, out: &Path, quiet: bool) -> Cl
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let staging = tempfile::tempdir_in(parent).map_err(io_err(parent))?;
     let tree = staging.path().join("release");
-    let mut v = export(client, id, &tree, quiet).await?;
+    let mut v = export(client, id, &tree, directive, quiet).await?;
     let partial = staging.path().join("release.tar");
     let file = std::fs::File::create(&partial).map_err(io_err(&partial))?;
     let mut w = std::io::BufWriter::new(file);
@@ -82,8 +93,61 @@ pub fn verify_any(
     Ok(v)
 }
 
+/// What `--directive-key` and its options ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct DirectiveArgs<'a> {
+    /// The `rollout`-role signing key.
+    pub key: &'a Path,
+    /// Share of devices in percent; `None`: the release's current rollout percent.
+    pub percent: Option<f64>,
+    /// Bucketing salt; `None`: a random one.
+    pub salt: Option<RolloutSalt>,
+    /// Validity.
+    pub ttl: std::time::Duration,
+}
+
+/// Signs the rollout directive of an export: the release's hashes (from its verified
+/// manifest), the share of devices and the salt, valid for `ttl`.
+fn sign_directive(d: &DirectiveArgs<'_>, release: &Value, m: &VerifiedManifest) -> CliResult<(Vec<u8>, u16)> {
+    let percent = match d.percent {
+        Some(p) => p,
+        None => release["rollout"]["percent"]
+            .as_f64()
+            .ok_or_else(|| CliError::failure("the coordinator sent no rollout percent; pass --percent"))?,
+    };
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(CliError::usage(format!("--percent {percent} is not between 0 and 100")));
+    }
+    let basis_points = (percent * 100.0).round() as u16;
+    let salt = match d.salt {
+        Some(s) => s,
+        None => RolloutSalt::random().map_err(|e| CliError::failure(format!("random salt: {e}")))?,
+    };
+    let key = crate::keys::load_signing_key(d.key)?;
+    let man = m.manifest();
+    let now = Timestamp::now();
+    let directive = RolloutDirective {
+        schema_version: ROLLOUT_SCHEMA_VERSION,
+        product: man.product.clone(),
+        channel: man.channel.clone(),
+        release: AssignedRelease::for_manifest(m),
+        basis_points,
+        salt,
+        issued_at: now,
+        expires_at: now.saturating_add(d.ttl),
+    };
+    let envelope = directive.sign(&[&key]).map_err(|e| CliError::failure(format!("signing the directive: {e}")))?;
+    Ok((envelope.to_json(), basis_points))
+}
+
 /// `flotilla export ID DIR`.
-pub async fn export(client: &Client, id: i64, out: &Path, quiet: bool) -> CliResult<Value> {
+pub async fn export(
+    client: &Client,
+    id: i64,
+    out: &Path,
+    directive: Option<DirectiveArgs<'_>>,
+    quiet: bool,
+) -> CliResult<Value> {
     if out.exists() && std::fs::read_dir(out).map_err(io_err(out))?.next().is_some() {
         return Err(CliError::usage(format!("{} is not empty; export into a new directory", out.display())));
     }
@@ -95,6 +159,24 @@ pub async fn export(client: &Client, id: i64, out: &Path, quiet: bool) -> CliRes
     let write = |name: &str, bytes: &[u8]| std::fs::write(out.join(name), bytes).map_err(io_err(&out.join(name)));
     write(TRUST_ROOT_FILE, root.as_bytes())?;
     write(MANIFEST_FILE, manifest_json.as_bytes())?;
+    let mut directive_bp = None;
+    if let Some(d) = &directive {
+        // Signed over the manifest as the product's trust root verifies it, and checked
+        // against that root, so a key outside the `rollout` role fails here and not at a site.
+        let trust = TrustRoot::from_trusted_json(root.as_bytes())
+            .map_err(|e| CliError::new(Kind::Verify, format!("the product's trust root: {e}")))?;
+        let verified = verify_signed(manifest_json.as_bytes(), &trust, Timestamp::now())
+            .map_err(|e| CliError::new(Kind::Verify, format!("manifest: {e}")))?;
+        let (envelope, bp) = sign_directive(d, &release, &verified)?;
+        RolloutDirective::verify(&envelope, &trust, Timestamp::now()).map_err(|e| {
+            CliError::usage(format!(
+                "{}: the directive does not verify against the product's trust root: {e}",
+                d.key.display()
+            ))
+        })?;
+        write(DIRECTIVE_FILE, &envelope)?;
+        directive_bp = Some(bp);
+    }
     let index_bytes = client.get_bytes(&format!("/v1/indexes/{}", manifest.index.id)).await?;
     let index = flotilla_core::index::ChunkIndex::decode(&index_bytes)
         .map_err(|e| CliError::new(Kind::Verify, e.to_string()))?;
@@ -120,7 +202,7 @@ pub async fn export(client: &Client, id: i64, out: &Path, quiet: bool) -> CliRes
     }
     pb.finish_and_clear();
     Ok(
-        json!({ "dir": out, "release": id, "version": manifest.version.to_string(), "version_code": manifest.version_code, "chunks": seen.len(), "bytes": bytes }),
+        json!({ "dir": out, "release": id, "version": manifest.version.to_string(), "version_code": manifest.version_code, "chunks": seen.len(), "bytes": bytes, "directive_percent": directive_bp.map(|bp| f64::from(bp) / 100.0) }),
     )
 }
 

@@ -221,7 +221,7 @@ async fn dispatch(cli: &Cli) -> CliResult<Value> {
             let q = product.as_ref().map(|p| format!("?product={p}")).unwrap_or_default();
             client(cli)?.get(&format!("/v1/devices{q}")).await
         }
-        Command::Export(a) => export::export_any(&client(cli)?, a.id, &a.out, quiet).await,
+        Command::Export(a) => export::export_any(&client(cli)?, a, quiet).await,
         Command::Verify(a) => export::verify_any(
             a.dir.as_deref(),
             a.trust_root.as_deref(),

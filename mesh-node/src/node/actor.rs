@@ -20,7 +20,11 @@ use super::{
     Answer, Command, Counters, IDENTIFY_PROTOCOL, MAX_ANNOUNCEMENT_LEN, MAX_IN_FLIGHT_PER_PEER, MeshConfig, MeshError,
     PeerInfo, Role, TICK, UNMEASURED_BPS,
 };
-use crate::protocol::{ChunkCodec, ChunkRequest, ChunkResponse, PROTOCOL};
+use crate::offer::VerifiedOffer;
+use crate::protocol::{
+    ChunkCodec, ChunkRequest, ChunkResponse, PROTOCOL, RELEASE_PROTOCOL, ReleaseAsk, ReleaseCodec, ReleaseRequest,
+    ReleaseResponse,
+};
 use crate::store::ChunkProvider;
 
 /// What [`spawn`] needs from [`super::Mesh::start`].
@@ -32,6 +36,8 @@ pub(super) struct Parts {
     pub(super) counters: Arc<Counters>,
     pub(super) announcements: broadcast::Sender<VerifiedManifest>,
     pub(super) topic: gossipsub::IdentTopic,
+    pub(super) offers: broadcast::Sender<VerifiedOffer>,
+    pub(super) offers_topic: gossipsub::IdentTopic,
     pub(super) listen_addrs: Vec<Multiaddr>,
 }
 
@@ -47,7 +53,10 @@ pub(super) fn spawn(p: Parts) {
         counters: p.counters,
         announcements: p.announcements,
         topic: p.topic,
+        offers: p.offers,
+        offers_topic: p.offers_topic,
         listen_addrs: p.listen_addrs,
+        release_pending: HashMap::new(),
         peers: HashMap::new(),
         banned: HashMap::new(),
         pending: HashMap::new(),
@@ -73,6 +82,7 @@ pub(super) struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     pub(super) gossipsub: gossipsub::Behaviour,
     chunks: request_response::Behaviour<ChunkCodec>,
+    release: request_response::Behaviour<ReleaseCodec>,
 }
 
 pub(super) fn build_swarm(config: &MeshConfig, key: identity::Keypair) -> Result<Swarm<Behaviour>, MeshError> {
@@ -120,6 +130,13 @@ pub(super) fn build_swarm(config: &MeshConfig, key: identity::Keypair) -> Result
                     request_response::Config::default()
                         .with_request_timeout(request_timeout)
                         .with_max_concurrent_streams(64),
+                ),
+                release: request_response::Behaviour::with_codec(
+                    ReleaseCodec,
+                    [(RELEASE_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(request_timeout)
+                        .with_max_concurrent_streams(16),
                 ),
             })
         })
@@ -171,7 +188,10 @@ struct MeshActor {
     counters: Arc<Counters>,
     announcements: broadcast::Sender<VerifiedManifest>,
     topic: gossipsub::IdentTopic,
+    offers: broadcast::Sender<VerifiedOffer>,
+    offers_topic: gossipsub::IdentTopic,
     listen_addrs: Vec<Multiaddr>,
+    release_pending: HashMap<OutboundRequestId, ReleaseReply>,
     peers: HashMap<PeerId, PeerState>,
     banned: HashMap<PeerId, Instant>,
     pending: HashMap<OutboundRequestId, Pending>,
@@ -187,6 +207,8 @@ struct MeshActor {
 
 /// A finished read of the provider, to answer on the swarm.
 type Served = (PeerId, ResponseChannel<ChunkResponse>, ChunkResponse);
+/// Where the answer to a release request goes: the peer asked and its answer (`None`: failed).
+pub(super) type ReleaseReply = oneshot::Sender<(PeerId, Option<ReleaseResponse>)>;
 
 impl MeshActor {
     async fn run(&mut self) {
@@ -263,15 +285,24 @@ impl MeshActor {
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.listen_addrs.clone());
             }
-            Command::Announce { envelope, reply } => {
+            Command::Announce { envelope, offer, reply } => {
+                let topic = if offer { self.offers_topic.clone() } else { self.topic.clone() };
                 let r = self
                     .swarm
                     .behaviour_mut()
                     .gossipsub
-                    .publish(self.topic.clone(), envelope)
+                    .publish(topic, envelope)
                     .map(|_| ())
                     .map_err(|e| MeshError::Announce(e.to_string()));
                 let _ = reply.send(r);
+            }
+            Command::Release { req, peer, reply } => {
+                if self.banned.contains_key(&peer) || !self.peers.contains_key(&peer) {
+                    let _ = reply.send((peer, None));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().release.send_request(&peer, req);
+                self.release_pending.insert(id, reply);
             }
         }
     }
@@ -343,6 +374,7 @@ impl MeshActor {
     fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
             SwarmEvent::Behaviour(BehaviourEvent::Chunks(ev)) => self.chunk_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Release(ev)) => self.release_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 let role = Role::from_agent_version(&info.agent_version);
                 if let Some(s) = self.peers.get_mut(&peer_id) {
@@ -440,6 +472,44 @@ impl MeshActor {
         }
     }
 
+    fn release_event(&mut self, ev: request_response::Event<ReleaseRequest, ReleaseResponse>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+                if self.banned.contains_key(&peer) {
+                    return;
+                }
+                // Small answers from files or memory: read beside the swarm, answered at once.
+                let provider = self.provider.clone();
+                let found = match request.ask {
+                    ReleaseAsk::Index => provider.index(&request.index),
+                    ReleaseAsk::HaveMap => provider.have_map(&request.index),
+                };
+                let response = match found {
+                    Some(b) if !b.is_empty() && b.len() <= request.max_len as usize => ReleaseResponse::Found(b),
+                    _ => ReleaseResponse::NotFound,
+                };
+                let _ = self.swarm.behaviour_mut().release.send_response(channel, response);
+            }
+            Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
+                if let Some(reply) = self.release_pending.remove(&request_id) {
+                    let answer = (!self.banned.contains_key(&peer)).then_some(response);
+                    let _ = reply.send((peer, answer));
+                }
+            }
+            Event::OutboundFailure { peer, request_id, error, .. } => {
+                tracing::debug!(%peer, %error, "release request failed");
+                if let Some(reply) = self.release_pending.remove(&request_id) {
+                    let _ = reply.send((peer, None));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "answering a release request failed")
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
     /// Refills the upload bucket and says whether anything is left in it.
     fn upload_budget_left(&mut self) -> bool {
         let Some(rate) = self.config.max_upload_rate else { return true };
@@ -453,8 +523,38 @@ impl MeshActor {
 
     fn gossip_event(&mut self, ev: gossipsub::Event) {
         let gossipsub::Event::Message { propagation_source, message_id, message } = ev else { return };
-        let verdict = match &self.config.trust_root {
-            Some(root) => match flotilla_core::manifest::verify_signed(&message.data, root, Timestamp::now()) {
+        let verdict = if message.topic == self.offers_topic.hash() {
+            self.offer_verdict(&propagation_source, &message.data)
+        } else {
+            self.announcement_verdict(&propagation_source, &message.data)
+        };
+        self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+            &message_id,
+            &propagation_source,
+            verdict,
+        );
+    }
+
+    fn offer_verdict(&mut self, from: &PeerId, data: &[u8]) -> gossipsub::MessageAcceptance {
+        // Without a trust root nothing can be checked: do not relay it either.
+        let Some(root) = &self.config.trust_root else { return gossipsub::MessageAcceptance::Ignore };
+        match VerifiedOffer::verify(data, root, Timestamp::now()) {
+            Ok(offer) => {
+                let (m, d) = (offer.manifest().manifest(), offer.directive());
+                tracing::debug!(product = %m.product, version = %m.version, basis_points = d.basis_points, "signed offer received");
+                let _ = self.offers.send(offer);
+                gossipsub::MessageAcceptance::Accept
+            }
+            Err(e) => {
+                tracing::warn!(peer = %from, error = %e, "offer refused");
+                gossipsub::MessageAcceptance::Reject
+            }
+        }
+    }
+
+    fn announcement_verdict(&mut self, propagation_source: &PeerId, data: &[u8]) -> gossipsub::MessageAcceptance {
+        match &self.config.trust_root {
+            Some(root) => match flotilla_core::manifest::verify_signed(data, root, Timestamp::now()) {
                 Ok(m) => {
                     let man = m.manifest();
                     tracing::info!(product = %man.product, version = %man.version, "signed release announced");
@@ -468,11 +568,6 @@ impl MeshActor {
             },
             // Without a trust root nothing can be checked: do not relay it either.
             None => gossipsub::MessageAcceptance::Ignore,
-        };
-        self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-            &message_id,
-            &propagation_source,
-            verdict,
-        );
+        }
     }
 }
