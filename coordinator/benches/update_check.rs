@@ -423,6 +423,7 @@ async fn set_up(http: &reqwest::Client, url: &str, admin: &str, rollout_key: &Si
 }
 
 fn client() -> reqwest::Client {
+    flotilla_coordinator::tls::install_crypto_provider();
     reqwest::Client::builder().pool_max_idle_per_host(256).build().expect("client")
 }
 

@@ -213,6 +213,11 @@ pub struct Config {
     pub guardrail: Guardrail,
     /// Database connections.
     pub max_connections: u32,
+    /// PEM certificate chain to serve HTTPS with (`FLOTILLA_TLS_CERT`); with `tls_key`. Unset:
+    /// plain HTTP (for a TLS-terminating proxy or load balancer in front).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (`FLOTILLA_TLS_KEY`).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -237,6 +242,8 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             guardrail: Guardrail::default(),
             max_connections: 16,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -292,6 +299,9 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "guardrail.failure_rate must be in (0, 1] and guardrail.min_reports at least 1".into(),
             ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid("tls_cert and tls_key go together: set both, or neither".into()));
         }
         if self.evaluator_interval.is_zero() || self.last_seen_flush.is_zero() || self.cache_refresh.is_zero() {
             return Err(ConfigError::Invalid("intervals must be positive".into()));

@@ -40,3 +40,4 @@ pub mod rollout;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod tls;

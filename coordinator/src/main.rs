@@ -68,6 +68,12 @@ struct Cli {
     /// How long one replica holds the evaluator, e.g. 90s (default: three intervals, ≥ 30 s).
     #[arg(long, env = "FLOTILLA_EVALUATOR_LEASE", value_parser = humantime::parse_duration)]
     evaluator_lease: Option<std::time::Duration>,
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -136,13 +142,22 @@ async fn main() -> anyhow::Result<()> {
     if cli.evaluator_lease.is_some() {
         config.evaluator_lease = cli.evaluator_lease;
     }
+    if cli.tls_cert.is_some() {
+        (config.tls_cert, config.tls_key) = (cli.tls_cert, cli.tls_key);
+    }
+    config.validate().context("checking the configuration")?;
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        // Fails here, before anything starts, on a bad certificate or key.
+        flotilla_coordinator::tls::server_config(cert, key)?;
+    }
+    let scheme = if config.tls_cert.is_some() { "https" } else { "http" };
     let listen = config.listen;
     let state = flotilla_coordinator::server::build_state(config).await.context("starting the coordinator")?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "coordinator listening");
     // A line scripts and tests can wait for.
-    println!("listening on http://{addr}");
+    println!("listening on {scheme}://{addr}");
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {

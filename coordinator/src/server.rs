@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use flotilla_core::keys::{Algorithm, SigningKey};
 use tokio_util::sync::CancellationToken;
 
@@ -229,10 +230,16 @@ pub async fn serve(
         tasks.spawn(listen_for_changes(state, cancel));
     }
     tasks.close();
-    let app = crate::api::router(state.clone());
-    let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(cancel.clone().cancelled_owned())
-        .await;
+    let app = crate::api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let result = match (&state.config.tls_cert, &state.config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let config = crate::tls::server_config(cert, key).map_err(std::io::Error::other)?;
+            // tap_io: ConnectInfo<SocketAddr> works for any listener whose Addr is a SocketAddr.
+            let tls = crate::tls::TlsListener::new(listener, Arc::new(config))?.tap_io(|_| {});
+            axum::serve(tls, app).with_graceful_shutdown(cancel.clone().cancelled_owned()).await
+        }
+        _ => axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned()).await,
+    };
     cancel.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tasks.wait()).await;
     result

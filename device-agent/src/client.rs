@@ -24,6 +24,14 @@ pub enum ClientError {
         /// The cause.
         source: reqwest::Error,
     },
+    /// The configured CA certificate file cannot be used.
+    #[error("ca_cert {path}: {reason}")]
+    Tls {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The coordinator answered with an error.
     #[error("{url}: HTTP {status}: {body}")]
     Status {
@@ -144,18 +152,44 @@ fn truncate(s: String) -> String {
     if s.len() > 512 { format!("{}…", &s[..s.char_indices().nth(500).map_or(s.len(), |(i, _)| i)]) } else { s }
 }
 
+/// Installs ring as the process's rustls crypto provider (reqwest's rustls is built without
+/// one: the default provider pulls aws-lc). Later calls do nothing.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl Coordinator {
     /// A client for `base` (e.g. `http://coordinator:8080`).
     ///
     /// # Errors
     /// The HTTP client cannot be built.
     pub fn new(base: &str) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
+        Self::with_ca(base, None)
+    }
+
+    /// A client for `base` that also trusts the PEM certificates in `ca_cert` (a fleet's
+    /// private CA) besides the system's roots.
+    ///
+    /// # Errors
+    /// The CA file cannot be read or holds no certificate, or the client cannot be built.
+    pub fn with_ca(base: &str, ca_cert: Option<&std::path::Path>) -> Result<Self, ClientError> {
+        install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("flotilla-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|source| ClientError::Network { url: base.to_owned(), source })?;
+            .user_agent(concat!("flotilla-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_cert {
+            let bad = |reason: String| ClientError::Tls { path: path.display().to_string(), reason };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no PEM certificate in the file".into()));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|source| ClientError::Network { url: base.to_owned(), source })?;
         Ok(Self { http, base: base.trim_end_matches('/').to_owned() })
     }
 

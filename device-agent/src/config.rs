@@ -72,6 +72,10 @@ pub struct Config {
     /// Native shell version (apps), checked against `min_native_version`.
     #[serde(default)]
     pub native_version: Option<String>,
+    /// Extra PEM CA certificates to trust for an `https://` coordinator (a fleet's private CA),
+    /// besides the system's roots.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
     /// The trust root the device was provisioned with (a DSSE envelope, JSON).
     pub trust_root: PathBuf,
     /// The agent's own data: journal, tokens, event queue. Not on an A/B slot.

@@ -62,6 +62,7 @@ async fn run_one(check: &HealthCheck, timeout: Duration) -> Result<(), HealthErr
         }
         HealthCheck::Http(url) => {
             let fail = |reason: String| HealthError { check: format!("HTTP probe {url}"), reason };
+            crate::client::install_crypto_provider();
             let client = reqwest::Client::builder().timeout(timeout).build().map_err(|e| fail(e.to_string()))?;
             let resp = client.get(url).send().await.map_err(|e| fail(e.to_string()))?;
             if resp.status().is_success() { Ok(()) } else { Err(fail(format!("answered {}", resp.status()))) }

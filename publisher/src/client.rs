@@ -14,10 +14,29 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for `base` with `token`.
-    pub fn new(base: String, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build().unwrap_or_default();
-        Self { base, token, http }
+    /// A client for `base` with `token`. HTTPS trusts the system's roots plus the PEM
+    /// certificates in `FLOTILLA_CA_CERT` (a private CA) when that is set.
+    ///
+    /// # Errors
+    /// `FLOTILLA_CA_CERT` names a file that cannot be read or holds no certificate.
+    pub fn new(base: String, token: Option<String>) -> CliResult<Self> {
+        // reqwest's rustls is built without a provider (the default one pulls aws-lc).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120));
+        if let Some(path) = std::env::var_os("FLOTILLA_CA_CERT").filter(|p| !p.is_empty()) {
+            let path = std::path::PathBuf::from(path);
+            let pem = std::fs::read(&path)
+                .map_err(|e| CliError::usage(format!("FLOTILLA_CA_CERT {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| CliError::usage(format!("FLOTILLA_CA_CERT {}: no PEM certificate", path.display())))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| CliError::failure(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self { base, token, http })
     }
 
     /// The base URL.

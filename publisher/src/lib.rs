@@ -38,7 +38,7 @@ use crate::error::{CliError, CliResult};
 
 fn client(cli: &Cli) -> CliResult<Client> {
     let (url, token) = config::resolve(cli.url.clone(), cli.token.clone())?;
-    Ok(Client::new(url, token))
+    Client::new(url, token)
 }
 
 /// Runs a parsed command line and returns the exit code.
@@ -165,7 +165,7 @@ async fn dispatch(cli: &Cli) -> CliResult<Value> {
                 login.token = Some(t.clone());
             }
             let url = login.url.clone().ok_or_else(|| CliError::usage("give --to URL"))?;
-            let c = Client::new(url.clone(), login.token.clone());
+            let c = Client::new(url.clone(), login.token.clone())?;
             c.get("/healthz").await.ok();
             let path = config::save(&login)?;
             Ok(json!({ "url": url, "config": path }))

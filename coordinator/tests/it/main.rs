@@ -11,6 +11,7 @@ mod openapi;
 mod replicas;
 mod rollouts;
 mod s3;
+mod tls;
 
 /// Runs an `async fn(Engine)` test on both engines.
 #[macro_export]

@@ -122,6 +122,7 @@ async fn coordinator(engine: Engine, s3: &S3Server, presign: bool) -> Server {
 
 /// A client that shows redirects instead of following them.
 fn no_redirects() -> reqwest::Client {
+    flotilla_coordinator::tls::install_crypto_provider();
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client")
 }
 

@@ -82,15 +82,33 @@ pub(crate) async fn start_with(engine: Engine, tweak: impl FnOnce(&mut Config)) 
         config.database_url = Some(flotilla_coordinator::config::Secret::new(pg_database().await));
     }
     tweak(&mut config);
+    let tls = config.tls_cert.is_some();
     let database_url = config.database_url();
     let state = flotilla_coordinator::server::build_state(config).await.expect("coordinator starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let scheme = if tls { "https" } else { "http" };
+    let url = format!("{scheme}://{}", listener.local_addr().expect("addr"));
     let cancel = CancellationToken::new();
     tokio::spawn(flotilla_coordinator::server::serve(state.clone(), listener, cancel.clone()));
     // A second replica on an existing database finds an admin already and writes no file.
     let admin = std::fs::read_to_string(dir.path().join("admin-token")).unwrap_or_default();
-    Server { url, admin, state, http: reqwest::Client::new(), database_url, cancel, _dir: dir }
+    Server { url, admin, state, http: http_client(tls), database_url, cancel, _dir: dir }
+}
+
+/// The test CA, server certificate (localhost, 127.0.0.1) and key under tests/fixtures/tls.
+pub(crate) fn tls_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name)
+}
+
+/// A client; one that trusts the test CA when the server speaks TLS.
+pub(crate) fn http_client(tls: bool) -> reqwest::Client {
+    flotilla_coordinator::tls::install_crypto_provider();
+    let mut b = reqwest::Client::builder();
+    if tls {
+        let ca = std::fs::read(tls_fixture("ca.pem")).expect("test CA");
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA parses"));
+    }
+    b.build().expect("client")
 }
 
 /// Keys of one product.

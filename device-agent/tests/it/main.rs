@@ -7,3 +7,4 @@ mod e2e;
 mod power_cut;
 mod rollback;
 mod support;
+mod tls;

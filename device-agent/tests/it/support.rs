@@ -39,6 +39,11 @@ pub(crate) fn workspace_bin(name: &str) -> PathBuf {
 }
 
 /// Polls `f` until it returns `Some`, failing the test after `deadline`.
+/// The coordinator's test CA, certificate (localhost, 127.0.0.1) and key.
+pub(crate) fn tls_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../coordinator/tests/fixtures/tls").join(name)
+}
+
 pub(crate) fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -69,10 +74,23 @@ impl Coordinator {
         Self::start_bin(&workspace_bin("flotilla-coordinator"))
     }
 
+    /// A coordinator serving HTTPS with the test certificate of `tls_fixture`.
+    pub(crate) fn start_tls() -> Self {
+        Self::start_with(&workspace_bin("flotilla-coordinator"), &[
+            ("FLOTILLA_TLS_CERT", tls_fixture("server.pem")),
+            ("FLOTILLA_TLS_KEY", tls_fixture("server.key")),
+        ])
+    }
+
     /// Starts the given coordinator binary (the install bench passes a release build).
     pub(crate) fn start_bin(bin: &Path) -> Self {
+        Self::start_with(bin, &[])
+    }
+
+    fn start_with(bin: &Path, env: &[(&str, PathBuf)]) -> Self {
         let data = tempfile::tempdir().expect("tmp");
         let mut child = Command::new(bin)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("FLOTILLA_DATA_DIR", data.path())
             .env("FLOTILLA_LISTEN", "127.0.0.1:0")
             .env("FLOTILLA_ADMIN_TOKEN", ADMIN)
@@ -165,6 +183,8 @@ impl Publisher {
     pub(crate) fn cli(&self, token: &str) -> Command {
         let mut c = Command::new(workspace_bin("flotilla"));
         c.env("FLOTILLA_CONFIG_DIR", self.path("cli-config"))
+            // Trusted for `https://` coordinators (Coordinator::start_tls); unused over HTTP.
+            .env("FLOTILLA_CA_CERT", tls_fixture("ca.pem"))
             .env("HOME", self.dir.path())
             .args(["--json", "--url", &self.url, "--token", token]);
         c
@@ -189,6 +209,7 @@ impl Publisher {
     pub(crate) fn set_stages(&self, stages: Value) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let status = rt.block_on(async {
+            flotilla_agent::client::install_crypto_provider();
             reqwest::Client::new()
                 .put(format!("{}/v1/products/{PRODUCT}/stages", self.url))
                 .bearer_auth(&self.api_key)

@@ -124,6 +124,7 @@ impl Coordinator {
     pub(crate) fn bytes_served(&self) -> u64 {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let text = rt.block_on(async {
+            let _ = rustls::crypto::ring::default_provider().install_default();
             reqwest::get(format!("{}/metrics", self.url)).await.expect("metrics").text().await.expect("metrics body")
         });
         text.lines()

@@ -162,6 +162,7 @@ impl Drop for Coordinator {
 /// One blocking JSON request (tests only).
 pub(crate) fn http_json(method: &str, url: &str, token: &str, body: Option<Value>) -> Value {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::new();
         let mut req = client.request(method.parse().expect("method"), url).bearer_auth(token);
         if let Some(b) = body {
