@@ -111,9 +111,11 @@ impl DeltaPlan {
         }
     }
 
-    fn note(&self, bytes: ByteSources, detail: String) {
+    /// Reports why a patch was not used. The event carries no bytes: the coordinator sums
+    /// bytes over events, and the install's final event reports them all.
+    fn note(&self, detail: String) {
         tracing::warn!(reason = %detail, "patch not used; fetching chunks");
-        if let Err(e) = self.events.push(EventKind::Downloading, self.release, bytes, Some(detail)) {
+        if let Err(e) = self.events.push(EventKind::Downloading, self.release, ByteSources::default(), Some(detail)) {
             tracing::error!(error = %e, "cannot queue an event");
         }
     }
@@ -333,14 +335,14 @@ pub(crate) async fn install_from_patch(
         Err(Outcome::Skip(e)) => {
             // Not the patch's fault (the index could not be fetched): tried again next time.
             keep(&mut record);
-            plan.note(slot.progress.bytes, why(&e));
+            plan.note(why(&e));
             Ok(())
         }
         Err(Outcome::Patch(e)) => {
             record.failed = Some(e.to_string());
             keep(&mut record);
             // What the patch verified and wrote stays claimed (synced first).
-            plan.note(slot.progress.bytes, why(&e));
+            plan.note(why(&e));
             Ok(())
         }
     }
