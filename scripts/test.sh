@@ -26,6 +26,8 @@ results="$(mktemp)"
 [[ -n ${FLOTILLA_TEST_PG_DIR:-} ]] || trap 'rm -f "$results"' EXIT
 status=0
 cargo test --workspace --locked "$@" | tee "$results" || status=$?
+# The SDK's Python binding, built and run against a real coordinator (with no extra arguments).
+[[ $# -gt 0 ]] || bash sdk-bindings/tests/python.sh || { status=1; log "error: the SDK's Python binding test failed (bash sdk-bindings/tests/python.sh)"; }
 awk '/^test result: / {
         for (i = 2; i <= NF; i++) {
             if ($i ~ /^passed;?$/) passed += $(i - 1)

@@ -39,6 +39,7 @@
 //!     native_version: Some("3.2.0".into()),
 //!     mesh: false,
 //!     trial_starts: 1,
+//!     max_download_rate: None,
 //! })?;
 //! // Load the bundle from here (None: the one shipped in the app).
 //! let _bundle = updater.current_bundle_path();
@@ -167,6 +168,9 @@ pub struct UpdaterConfig {
     /// App starts a new bundle gets to be marked healthy before it is rolled back.
     #[uniffi(default = 1)]
     pub trial_starts: u32,
+    /// Download cap in bytes per second (metered networks); `None`: uncapped.
+    #[uniffi(default = None)]
+    pub max_download_rate: Option<u64>,
 }
 
 /// A release the coordinator offers, verified against the trust root.
@@ -322,6 +326,7 @@ impl Updater {
         app.native_version = config.native_version;
         app.mesh = config.mesh;
         app.trial_starts = config.trial_starts;
+        app.max_download_rate = config.max_download_rate;
         let agent = Agent::new(app.into_config()?)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)

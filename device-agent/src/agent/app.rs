@@ -54,11 +54,13 @@ pub struct AppConfig {
     pub mesh: bool,
     /// App starts a new bundle gets to be marked healthy before it is rolled back.
     pub trial_starts: u32,
+    /// Download cap in bytes per second (metered networks); `None`: uncapped.
+    pub max_download_rate: Option<u64>,
 }
 
 impl AppConfig {
     /// The required settings; the channel is `production`, no secret, no native version,
-    /// mesh off, one trial start.
+    /// mesh off, one trial start, no download cap.
     pub fn new(
         coordinator: impl Into<String>,
         product: impl Into<String>,
@@ -79,12 +81,14 @@ impl AppConfig {
             native_version: None,
             mesh: false,
             trial_starts: 1,
+            max_download_rate: None,
         }
     }
 
     /// The agent config: `dir` slots on the bundle root, the app's settings, defaults for the
-    /// rest. A trust root given as JSON is written to `<state_dir>/trust-root.json` the first
-    /// time (later starts keep the file, which a root rotation may have replaced).
+    /// rest. A trust root given as JSON is checked and written to
+    /// `<state_dir>/trust-root.json` the first time (later starts keep the file, which a root
+    /// rotation may have replaced).
     ///
     /// # Errors
     /// [`AppConfigError`] naming the field or the trust root file.
@@ -96,9 +100,11 @@ impl AppConfig {
             AppTrustRoot::Json(json) => {
                 let p = self.state_dir.join("trust-root.json");
                 if !p.exists() {
-                    let fail = |source| AppConfigError::TrustRoot { path: p.clone(), source };
-                    std::fs::create_dir_all(&self.state_dir).map_err(fail)?;
-                    write_atomic(&p, json.as_bytes()).map_err(fail)?;
+                    let fail = |message: String| AppConfigError::TrustRoot { path: p.clone(), message };
+                    // Checked before it is kept: a bad first copy would otherwise stay.
+                    TrustRoot::from_trusted_json(json.as_bytes()).map_err(|e| fail(e.to_string()))?;
+                    std::fs::create_dir_all(&self.state_dir).map_err(|e| fail(e.to_string()))?;
+                    write_atomic(&p, json.as_bytes()).map_err(|e| fail(e.to_string()))?;
                 }
                 p
             }
@@ -111,6 +117,13 @@ impl AppConfig {
         t.insert("state_dir".into(), path_str(&self.state_dir));
         // The app asked for it by calling download_and_stage.
         t.insert("auto_install".into(), Value::Boolean(true));
+        if let Some(rate) = self.max_download_rate {
+            let rate = i64::try_from(rate).map_err(|_| ConfigError::Invalid {
+                field: "max_download_rate",
+                reason: format!("{rate} bytes/s is out of range"),
+            })?;
+            t.insert("max_download_rate".into(), Value::Integer(rate));
+        }
         if let Some(v) = self.native_version {
             t.insert("native_version".into(), Value::String(v));
         }
@@ -141,13 +154,13 @@ pub enum AppConfigError {
     /// A setting is out of range.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The trust root JSON could not be stored.
-    #[error("storing the trust root at {path}: {source}")]
+    /// The trust root JSON is not a trust root, or could not be stored.
+    #[error("trust root {path}: {message}")]
     TrustRoot {
-        /// The file.
+        /// Where it is kept.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The problem.
+        message: String,
     },
 }
 
