@@ -106,8 +106,8 @@ fn describe_check(r: &CheckReport) -> String {
         CheckReport::Available { version } => format!("release {version} available (auto_install is off)"),
         CheckReport::NativeTooOld { required } => format!("a newer release needs native version {required}"),
         CheckReport::Staged { version, slot, bytes } => format!(
-            "installed {version} into slot {slot} (peers {} B, cdn {} B, reused {} B, file {} B); reboot to run it",
-            bytes.peer, bytes.cdn, bytes.local, bytes.file
+            "installed {version} into slot {slot} (peers {} B, cdn {} B, reused {} B, file {} B, patch {} B); reboot to run it",
+            bytes.peer, bytes.cdn, bytes.local, bytes.file, bytes.delta
         ),
         CheckReport::RebootPending { slot } => format!("slot {slot} is staged; reboot to run it"),
         CheckReport::OnTrial => "a slot is on trial; boot-check decides".into(),
