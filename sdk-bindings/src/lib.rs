@@ -408,14 +408,14 @@ impl Updater {
         self.agent.bundle_path().map(|p| p.to_string_lossy().into_owned())
     }
 
-    /// The app runs well on the bundle on trial: commit it (Capacitor's `notifyAppReady`).
-    /// Returns the committed version; `None` when nothing is on trial.
+    /// The app runs well on the bundle on trial: commit it (Capacitor's `notifyAppReady`) and
+    /// tell the coordinator. Returns the committed version; `None` when nothing is on trial.
     ///
     /// # Errors
     /// [`SdkError::Storage`], [`SdkError::Busy`].
     pub fn mark_healthy(&self) -> Result<Option<String>, SdkError> {
         let _call = self.calls.lock().map_err(|_| SdkError::Busy("an earlier call panicked".into()))?;
-        Ok(self.agent.app_healthy()?)
+        Ok(self.runtime.block_on(self.agent.app_healthy())?)
     }
 
     /// Discards the bundle that is staged or on trial: the previous bundle is current again
@@ -426,7 +426,7 @@ impl Updater {
     /// [`SdkError::Storage`], [`SdkError::Busy`].
     pub fn rollback(&self) -> Result<Option<String>, SdkError> {
         let _call = self.calls.lock().map_err(|_| SdkError::Busy("an earlier call panicked".into()))?;
-        Ok(self.agent.app_rollback("rolled back by the app")?)
+        Ok(self.runtime.block_on(self.agent.app_rollback("rolled back by the app"))?)
     }
 
     /// Where the update stands.

@@ -11,7 +11,9 @@
 //!   the app loads the new bundle at its next start;
 //! - [`Agent::app_started`], at every app start: a staged bundle goes on trial; a bundle still
 //!   on trial from an earlier start (the app crashed or hung before marking it healthy) uses
-//!   up an attempt, and past `health.boot_attempts` it is rolled back and blacklisted;
+//!   up an attempt, and past `health.boot_attempts` it is rolled back and blacklisted. It
+//!   makes no network call, so a start never waits on one: its events go with the next call
+//!   that talks to the coordinator;
 //! - [`Agent::app_healthy`] commits the bundle on trial;
 //! - [`Agent::app_rollback`] discards a staged or on-trial bundle;
 //! - [`Agent::bundle_path`] is the directory the app loads its bundle from.
@@ -109,6 +111,9 @@ impl AppConfig {
                 p
             }
         };
+        if self.trial_starts == 0 {
+            return Err(ConfigError::Invalid { field: "trial_starts", reason: "at least 1".into() }.into());
+        }
         let mut t = toml::Table::new();
         t.insert("coordinator".into(), Value::String(self.coordinator));
         t.insert("product".into(), Value::String(self.product));
@@ -430,36 +435,44 @@ impl Agent {
     /// Returns the committed version; `None` when nothing is on trial (a normal start, or a
     /// bundle staged but not started yet).
     ///
+    /// Sends the queued events afterwards (kept queued when the coordinator is unreachable).
+    ///
     /// # Errors
     /// [`AgentError`] from the journal or the pointer.
-    pub fn app_healthy(&self) -> Result<Option<String>, AgentError> {
-        let _lock = self.lock(true)?;
+    pub async fn app_healthy(&self) -> Result<Option<String>, AgentError> {
+        let lock = self.lock(true)?;
         let mut j = self.journal()?;
         if j.state != State::Trial || j.target.is_none() {
             return Ok(None);
         }
-        match self.commit(&mut j)? {
-            BootReport::Committed { version, .. } => Ok(Some(version)),
-            _ => Ok(None),
-        }
+        let version = match self.commit(&mut j)? {
+            BootReport::Committed { version, .. } => Some(version),
+            _ => None,
+        };
+        drop(lock);
+        let _ = self.flush_events().await;
+        Ok(version)
     }
 
     /// Discards a staged or on-trial bundle: the previous one is current again and the
     /// discarded release is blacklisted. Returns the discarded version; `None` when there is
-    /// none (a committed bundle stays).
+    /// none (a committed bundle stays). Sends the queued events afterwards.
     ///
     /// # Errors
     /// [`AgentError`] from the journal or the pointer.
-    pub fn app_rollback(&self, why: &str) -> Result<Option<String>, AgentError> {
-        let _lock = self.lock(true)?;
+    pub async fn app_rollback(&self, why: &str) -> Result<Option<String>, AgentError> {
+        let lock = self.lock(true)?;
         let mut j = self.journal()?;
         if !matches!(j.state, State::Staged | State::Trial) || j.target.is_none() {
             return Ok(None);
         }
-        match self.app_rolled_back(&mut j, why.to_owned())? {
-            AppStart::RolledBack { version, .. } => Ok(Some(version)),
-            _ => Ok(None),
-        }
+        let version = match self.app_rolled_back(&mut j, why.to_owned())? {
+            AppStart::RolledBack { version, .. } => Some(version),
+            _ => None,
+        };
+        drop(lock);
+        let _ = self.flush_events().await;
+        Ok(version)
     }
 
     /// The unpacked bundle `current` points at, if there is one (`dir` slots). `None` on a

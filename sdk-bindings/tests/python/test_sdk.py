@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import urllib.request
 
 import flotilla_sdk as sdk
 
@@ -46,8 +47,28 @@ def publish(product, version, script, notes=None):
     args = ["release", "--product", product, "--dir", src, "--version", version, "--rollout", "100"]
     if notes:
         args += ["--notes", notes]
-    flotilla(*args)
+    published = flotilla(*args)
     shutil.rmtree(src)
+    return published["id"]
+
+
+def release_events(release_id):
+    """The coordinator's event counts for a release: {kind: devices}."""
+    req = urllib.request.Request(
+        f"{URL}/v1/releases/{release_id}/stats",
+        headers={"Authorization": f"Bearer {os.environ['FLOTILLA_TOKEN']}"},
+    )
+    with urllib.request.urlopen(req) as resp:
+        stats = json.load(resp)
+    return {kind: v["devices"] for kind, v in stats["events"].items()}
+
+
+def device_version(product, device_id):
+    """The version the coordinator has on record for a device."""
+    answer = flotilla("devices", "list", "--product", product)
+    devices = answer["devices"] if isinstance(answer, dict) else answer
+    [device] = [d for d in devices if d["device_id"] == device_id]
+    return device["version"]
 
 
 class Recorder(sdk.ProgressListener):
@@ -159,6 +180,7 @@ class UpdateFlow(unittest.TestCase):
             u.download_and_stage(Recorder())
         self.assertIn("on trial", str(busy.exception))
         self.assertEqual(u.mark_healthy(), "1.0.0")
+        self.assertEqual(device_version(product, app.config.device_id), "1.0.0", "the healthy event reached the coordinator")
         status = u.status()
         self.assertEqual((status.state, status.installed_version), (sdk.UpdateState.COMMITTED, "1.0.0"))
         self.assertIsNone(u.mark_healthy(), "committed: nothing on trial any more")
@@ -203,7 +225,7 @@ class Rollback(unittest.TestCase):
         del u
 
         # 2.0.0 is staged; the app starts on it and crashes before marking it healthy.
-        publish(product, "2.0.0", "throw new Error('broken')")
+        broken = publish(product, "2.0.0", "throw new Error('broken')")
         u = app.start()
         self.assertEqual(u.download_and_stage(Recorder()).version, "2.0.0")
         del u
@@ -222,8 +244,9 @@ class Rollback(unittest.TestCase):
         self.assertEqual(status.state, sdk.UpdateState.ROLLED_BACK)
         self.assertEqual((status.installed_version, status.pending_version), ("1.0.0", "2.0.0"))
         self.assertIn("not marked healthy", status.last_error)
-        # The rolled-back release is never installed again.
+        # The rolled-back release is never installed again; the check sends the start's events.
         self.assertIsNone(u.check())
+        self.assertEqual(release_events(broken).get("rolled_back"), 1, release_events(broken))
         self.assertEqual(u.download_and_stage(Recorder()), sdk.StageOutcome.UP_TO_DATE())
         self.assertEqual(read_script(u), "console.log('good')")
 
@@ -256,6 +279,9 @@ class BadInput(unittest.TestCase):
         with self.assertRaises(sdk.SdkError.Config) as e:
             App(self, "sdk-any", coordinator_url="ftp://example.invalid").start()
         self.assertIn("coordinator", str(e.exception))
+        with self.assertRaises(sdk.SdkError.Config) as e:
+            App(self, "sdk-any", trial_starts=0).start()
+        self.assertIn("trial_starts", str(e.exception))
 
     def test_wrong_enrollment_secret_is_refused_by_the_coordinator(self):
         product = new_product("sdk-secret")
