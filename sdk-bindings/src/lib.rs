@@ -289,7 +289,9 @@ pub struct Status {
 /// The agent for one app, on `dir` slots. Create one at every app start, before loading the
 /// bundle: creating it is the start that puts a staged bundle on trial (or rolls back one
 /// that was never marked healthy). Methods block the calling thread; call them off the UI
-/// thread.
+/// thread. Creating one waits while another process of the app works on the same state
+/// directory (a download, say); calls on one [`Updater`] from several threads run one at a
+/// time.
 #[derive(Debug, uniffi::Object)]
 pub struct Updater {
     agent: Agent,
@@ -403,7 +405,9 @@ impl Updater {
     }
 
     /// The directory to load the bundle from; `None` until a bundle is installed (load the
-    /// one shipped in the app).
+    /// one shipped in the app). Ask at start, right after creating the [`Updater`]: once
+    /// [`Updater::download_and_stage`] has run it names the staged bundle, which the next start
+    /// loads, while the running app keeps the directory it loaded.
     pub fn current_bundle_path(&self) -> Option<String> {
         self.agent.bundle_path().map(|p| p.to_string_lossy().into_owned())
     }
