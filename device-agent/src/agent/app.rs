@@ -483,3 +483,43 @@ impl Agent {
         self.slots.bundle_dir(slot).filter(|d| d.is_dir())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(dir: &Path, trust_root: AppTrustRoot) -> AppConfig {
+        AppConfig::new("http://127.0.0.1:1", "my-app", "install-1", dir.join("state"), dir.join("bundles"), trust_root)
+    }
+
+    #[test]
+    fn app_settings_become_a_dir_slot_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = app(dir.path(), AppTrustRoot::Path(dir.path().join("root.json")));
+        a.trial_starts = 2;
+        a.max_download_rate = Some(1 << 20);
+        a.enrollment_secret = Some(Secret::new("s3cret"));
+        let c = a.into_config().unwrap();
+        assert!(matches!(&c.slots, SlotsConfig::Dir { root } if *root == dir.path().join("bundles")));
+        assert_eq!((c.health.boot_attempts, c.max_download_rate), (2, Some(1 << 20)));
+        assert!(c.auto_install && !c.mesh.enabled);
+        assert_eq!(c.device_id.value.as_deref(), Some("install-1"));
+        assert_eq!(c.enrollment_secret.map(|s| s.expose().to_owned()).as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn bad_app_settings_are_refused_by_name_and_a_bad_trust_root_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = app(dir.path(), AppTrustRoot::Path(dir.path().join("root.json")));
+        a.trial_starts = 0;
+        let e = a.into_config().unwrap_err();
+        assert!(matches!(e, AppConfigError::Config(ConfigError::Invalid { field: "trial_starts", .. })), "{e}");
+        let mut a = app(dir.path(), AppTrustRoot::Path(dir.path().join("root.json")));
+        a.product = "no spaces allowed".into();
+        let e = a.into_config().unwrap_err();
+        assert!(matches!(e, AppConfigError::Config(ConfigError::Invalid { field: "product", .. })), "{e}");
+        let e = app(dir.path(), AppTrustRoot::Json("{\"not\": \"a root\"}".into())).into_config().unwrap_err();
+        assert!(matches!(e, AppConfigError::TrustRoot { .. }), "{e}");
+        assert!(!dir.path().join("state/trust-root.json").exists());
+    }
+}
