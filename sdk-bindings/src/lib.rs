@@ -60,6 +60,7 @@ use std::sync::{Arc, Mutex};
 use flotilla_agent::agent::app::{AppCheck, AppConfig, AppConfigError, AppStart, AppTrustRoot, InstallProgress};
 use flotilla_agent::agent::{Agent, AgentError, CheckReport};
 use flotilla_agent::config::Secret;
+use flotilla_agent::install::WriteError;
 use flotilla_agent::journal::{Journal, State};
 
 uniffi::setup_scaffolding!();
@@ -109,8 +110,8 @@ impl From<AgentError> for SdkError {
             | AgentError::ImageMismatch { .. } => Self::Refused(message),
             AgentError::Busy(_) | AgentError::Locked(_) => Self::Busy(message),
             AgentError::TrustRoot { .. } | AgentError::DeviceId(_) => Self::Config(message),
-            AgentError::Write(w) if !w.is_transient() => Self::Refused(message),
-            AgentError::Write(_) => Self::Network(message),
+            AgentError::Write(WriteError::BadChunk { .. }) => Self::Refused(message),
+            AgentError::Write(WriteError::Unavailable { .. }) => Self::Network(message),
             _ => Self::Storage(message),
         }
     }

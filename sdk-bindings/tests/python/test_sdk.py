@@ -36,17 +36,18 @@ def flotilla(*args):
     return json.loads(out.stdout) if out.stdout.strip() else None
 
 
-def publish(product, version, script, notes=None):
-    """Publishes a bundle (index.js says `script`, plus the shared asset) to 100 %."""
+def publish(product, version, script, notes=None, extra=(), asset=ASSET):
+    """Publishes a bundle (index.js says `script`, plus the asset) to 100 %."""
     src = tempfile.mkdtemp(dir=WORK)
     with open(os.path.join(src, "index.js"), "w") as f:
         f.write(script)
     os.mkdir(os.path.join(src, "assets"))
     with open(os.path.join(src, "assets", "data.bin"), "wb") as f:
-        f.write(ASSET)
+        f.write(asset)
     args = ["release", "--product", product, "--dir", src, "--version", version, "--rollout", "100"]
     if notes:
         args += ["--notes", notes]
+    args += list(extra)
     published = flotilla(*args)
     shutil.rmtree(src)
     return published["id"]
@@ -289,6 +290,42 @@ class BadInput(unittest.TestCase):
         with self.assertRaises(sdk.SdkError.Network) as e:
             u.check()
         self.assertIn("enrollment_secret", str(e.exception))
+
+    def test_a_bundle_for_a_newer_native_app_asks_for_a_store_update(self):
+        product = new_product("sdk-native")
+        publish(product, "1.0.0", "console.log('needs native 2')", extra=["--min-native-version", "2.0.0"])
+        old_shell = App(self, product, native_version="1.4.0").start()
+        with self.assertRaises(sdk.SdkError.NativeUpdateRequired) as e:
+            old_shell.check()
+        self.assertIn("2.0.0", str(e.exception))
+        with self.assertRaises(sdk.SdkError.NativeUpdateRequired):
+            old_shell.download_and_stage(Recorder())
+        self.assertIsNone(old_shell.current_bundle_path())
+        new_shell = App(self, product, native_version="2.1.0", device_id="sdk-native-install-2").start()
+        self.assertEqual(new_shell.check().version, "1.0.0")
+
+    def test_a_bundle_tampered_on_the_server_is_refused_and_nothing_changes(self):
+        product = new_product("sdk-tampered")
+        chunks = os.path.join(WORK, "coordinator", "objects", "chunks")
+        before = {os.path.join(d, f) for d, _, files in os.walk(chunks) for f in files}
+        publish(product, "1.0.0", "console.log('tampered')", asset=random.Random(11).randbytes(1 << 20))
+        fresh = {os.path.join(d, f) for d, _, files in os.walk(chunks) for f in files} - before
+        self.assertTrue(fresh, "the release uploaded no chunk of its own")
+        for path in fresh:
+            with open(path, "r+b") as f:
+                data = bytearray(f.read())
+                data[-1] ^= 0xFF
+                f.seek(0)
+                f.write(data)
+        u = App(self, product).start()
+        self.assertEqual(u.check().version, "1.0.0", "the manifest itself is intact")
+        with self.assertRaises(sdk.SdkError.Refused) as e:
+            u.download_and_stage(Recorder())
+        self.assertIn("failed verification", str(e.exception))
+        self.assertIsNone(u.current_bundle_path())
+        status = u.status()
+        self.assertEqual(status.state, sdk.UpdateState.FAILED)
+        self.assertIn("failed verification", status.last_error)
 
     def test_trust_root_json_is_stored_once(self):
         with open(TRUST_ROOT) as f:
