@@ -194,7 +194,7 @@ pub struct UpdateInfo {
 /// Download progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Record)]
 pub struct DownloadProgress {
-    /// Bytes fetched over the network so far.
+    /// Bytes fetched over the network so far (chunks; a binary patch counts at the end).
     pub fetched_bytes: u64,
     /// Bytes reused from the current bundle (known at the end, else 0).
     pub reused_bytes: u64,
@@ -221,7 +221,7 @@ pub enum StageOutcome {
     Staged {
         /// Its version.
         version: String,
-        /// Bytes fetched over the network.
+        /// Bytes fetched over the network (chunks and binary patches).
         fetched_bytes: u64,
         /// Bytes reused from the current bundle.
         reused_bytes: u64,
@@ -393,7 +393,7 @@ impl Updater {
             CheckReport::UpToDate => Ok(StageOutcome::UpToDate),
             CheckReport::Staged { version, bytes, .. } => Ok(StageOutcome::Staged {
                 version,
-                fetched_bytes: bytes.cdn + bytes.peer + bytes.file,
+                fetched_bytes: bytes.cdn + bytes.peer + bytes.file + bytes.delta,
                 reused_bytes: bytes.local,
             }),
             CheckReport::RebootPending { .. } => Ok(StageOutcome::RestartPending),

@@ -19,7 +19,6 @@
 //! - [`Agent::bundle_path`] is the directory the app loads its bundle from.
 
 use std::collections::HashMap;
-use std::io::{Read as _, Seek as _};
 
 use flotilla_core::index::ChunkIndex;
 
@@ -317,8 +316,7 @@ impl Agent {
         &self,
         progress: &(dyn Fn(InstallProgress) + Send + Sync),
     ) -> Result<CheckReport, AgentError> {
-        let log = self.paths.downloads_log();
-        let start = std::fs::metadata(&log).map_or(0, |m| m.len());
+        let started = std::time::SystemTime::now();
         let install = self.check_once();
         tokio::pin!(install);
         let mut tick = tokio::time::interval(PROGRESS_POLL);
@@ -329,7 +327,7 @@ impl Agent {
                 biased;
                 report = &mut install => break report,
                 _ = tick.tick() => {
-                    if let Some(p) = self.progress_now(start, &mut watched)
+                    if let Some(p) = self.progress_now(started, &mut watched)
                         && last != Some(p)
                     {
                         progress(p);
@@ -339,7 +337,7 @@ impl Agent {
             }
         };
         if let Ok(CheckReport::Staged { bytes, .. }) = &report {
-            let fetched = bytes.cdn + bytes.peer + bytes.file;
+            let fetched = bytes.cdn + bytes.peer + bytes.file + bytes.delta;
             let total = self.journal()?.target.map_or(fetched + bytes.local, |t| t.release.image_size);
             progress(InstallProgress {
                 fetched_bytes: fetched,
@@ -351,9 +349,10 @@ impl Agent {
         report
     }
 
-    /// Bytes fetched by the install in progress: the chunks logged since `start` (a byte
-    /// offset in the download log), sized by the index the install stored.
-    fn progress_now(&self, start: u64, watched: &mut Option<Watched>) -> Option<InstallProgress> {
+    /// Bytes fetched by the install in progress: the chunks in its download log, sized by the
+    /// index it stored. A fresh install starts a new log, so a log last written before
+    /// `started` is the previous install's and counts nothing.
+    fn progress_now(&self, started: std::time::SystemTime, watched: &mut Option<Watched>) -> Option<InstallProgress> {
         let j = self.journal().ok()?;
         let t = j.target.filter(|_| j.state == State::Downloading)?;
         if watched.as_ref().is_none_or(|w| w.index_id != t.release.index_id) {
@@ -365,10 +364,9 @@ impl Agent {
             *watched = Some(Watched { index_id: index.id(), lens, total: index.image_size() });
         }
         let w = watched.as_ref()?;
-        let mut f = File::open(self.paths.downloads_log()).ok()?;
-        f.seek(std::io::SeekFrom::Start(start)).ok()?;
-        let mut text = String::new();
-        f.read_to_string(&mut text).ok()?;
+        let log = self.paths.downloads_log();
+        let fresh = std::fs::metadata(&log).and_then(|m| m.modified()).is_ok_and(|m| m >= started);
+        let text = if fresh { std::fs::read_to_string(&log).ok()? } else { String::new() };
         let fetched = text
             .lines()
             .filter_map(|l| l.split_whitespace().next())

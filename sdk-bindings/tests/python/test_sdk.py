@@ -196,7 +196,12 @@ class UpdateFlow(unittest.TestCase):
         self.assertGreater(outcome.reused_bytes, len(ASSET) // 2, "the unchanged asset comes from the current bundle")
         self.assertLess(outcome.fetched_bytes, outcome.reused_bytes)
         last = progress.calls[-1]
-        self.assertEqual((last.done, last.fetched_bytes + last.reused_bytes), (True, last.total_bytes))
+        self.assertEqual(
+            (last.done, last.fetched_bytes, last.reused_bytes), (True, outcome.fetched_bytes, outcome.reused_bytes)
+        )
+        during = [p.fetched_bytes for p in progress.calls if not p.done]
+        self.assertEqual(during, sorted(during), "progress went backwards")
+        self.assertTrue(all(f <= outcome.fetched_bytes for f in during), "counted the previous install's chunks")
         self.assertNotEqual(u.current_bundle_path(), v1_path, "staged into the other slot")
         del u
 
