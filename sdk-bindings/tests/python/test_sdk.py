@@ -288,6 +288,9 @@ class BadInput(unittest.TestCase):
         with self.assertRaises(sdk.SdkError.Config) as e:
             App(self, "sdk-any", trial_starts=0).start()
         self.assertIn("trial_starts", str(e.exception))
+        with self.assertRaises(sdk.SdkError.Config) as e:
+            sdk.set_log_level("flotilla_agent=loudest")
+        self.assertIn("loudest", str(e.exception))
 
     def test_wrong_enrollment_secret_is_refused_by_the_coordinator(self):
         product = new_product("sdk-secret")
