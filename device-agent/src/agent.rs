@@ -343,7 +343,6 @@ impl Agent {
 
     fn coordinator(&self) -> Result<Coordinator, AgentError> {
         let url = self.config.coordinator.as_deref().ok_or(AgentError::NoCoordinator)?;
-        Ok(Coordinator::new(url)?)
         Ok(Coordinator::with_ca(url, self.config.ca_cert.as_deref())?)
     }
 
