@@ -22,6 +22,9 @@ use crate::install::{self, ChunkSource, WriteError, WritePlan};
 use crate::journal::{ByteSources, Journal, JournalError, MAX_TRANSITIONS, Release, State, Target};
 use crate::slot::{SlotError, SlotName, Slots};
 
+#[path = "offline.rs"]
+mod offline;
+
 /// This agent's version (sent to the coordinator, checked against `min_agent_version`).
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -997,6 +1000,7 @@ impl Agent {
     /// The daemon: checks every poll interval (plus jitter) until `shutdown` resolves.
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut offline = self.offline_start();
         if let Ok(j) = self.journal() {
             let kept = j.installed.as_ref().and_then(|_| install::read_kept_index(&self.paths.slot_index(j.active)));
             self.mesh.serve_installed(&self.slots, j.active, kept.as_ref()).await;
@@ -1007,10 +1011,9 @@ impl Agent {
                 Err(e) => tracing::warn!(error = %e, "update check failed"),
             }
             let wait = self.config.poll_interval + jitter(self.config.poll_jitter);
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                _ = tokio::time::sleep(wait) => {}
+            // Offers heard on the mesh and queued events are handled while waiting.
+            if self.idle(wait, &mut offline, shutdown.as_mut()).await {
+                break;
             }
         }
         tracing::info!("agent stopped");

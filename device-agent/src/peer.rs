@@ -19,9 +19,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_core::ids::ChunkId;
+use flotilla_core::ids::{ChunkId, IndexId};
 use flotilla_core::index::ChunkIndex;
 use flotilla_core::object;
+use flotilla_core::trust::TrustRoot;
 use flotilla_mesh::{ChunkProvider, Mesh, MeshConfig, MeshError, Multiaddr, Role};
 use serde::Deserialize;
 use tokio::sync::OnceCell;
@@ -116,6 +117,8 @@ impl MeshSettings {
 pub struct SlotChunks {
     // A std Mutex: held only to look up or replace the maps, never across I/O.
     slots: Mutex<Vec<(PathBuf, Arc<Placements>)>>,
+    /// The encoded indexes of the releases served, so peers (offline sites) can get them.
+    indexes: Mutex<HashMap<IndexId, Arc<Vec<u8>>>>,
 }
 
 /// Where each chunk of a slot's image is: id → (offset, length).
@@ -131,10 +134,20 @@ impl SlotChunks {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|(p, _)| *p != path);
         slots.push((path, Arc::new(map)));
+        let mut indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
+        // A handful of releases at most (two slots, an install); the oldest go first.
+        if indexes.len() >= 4 {
+            indexes.clear();
+        }
+        indexes.insert(index.id(), Arc::new(index.encode()));
     }
 }
 
 impl ChunkProvider for SlotChunks {
+    fn index(&self, id: &IndexId) -> Option<Vec<u8>> {
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|b| b.to_vec())
+    }
+
     fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (path, map) in slots {
@@ -156,6 +169,8 @@ impl ChunkProvider for SlotChunks {
 pub struct MeshSlot {
     settings: MeshSettings,
     key_path: PathBuf,
+    // A std Mutex: read once when the node starts, set before that; never held across I/O.
+    trust_root: Mutex<Option<TrustRoot>>,
     node: OnceCell<Option<(Mesh, Arc<SlotChunks>)>>,
 }
 
@@ -163,7 +178,39 @@ impl MeshSlot {
     /// A mesh to start on first use with `settings`; the node's identity is kept in
     /// `key_path`.
     pub fn new(settings: MeshSettings, key_path: PathBuf) -> Self {
-        Self { settings, key_path, node: OnceCell::new() }
+        Self { settings, key_path, trust_root: Mutex::new(None), node: OnceCell::new() }
+    }
+
+    /// Verifies offers and announcements heard on the mesh against `root` (without one they
+    /// are ignored, and an offline site cannot reach this device). Takes effect when the node
+    /// starts.
+    pub(crate) fn set_trust_root(&self, root: TrustRoot) {
+        *self.trust_root.lock().unwrap_or_else(|e| e.into_inner()) = Some(root);
+    }
+
+    /// The running node (started on first use), when the mesh is enabled.
+    pub(crate) async fn mesh(&self) -> Option<Mesh> {
+        self.node().await.map(|(m, _)| m.clone())
+    }
+
+    /// The chunk source of an install offered on the mesh (offline sites): peers first and,
+    /// past the deadline, `cdn` when one is configured; without one, peers only.
+    pub(crate) async fn offline_source(&self, cdn: Option<Coordinator>) -> Option<crate::install::ChunkSource> {
+        let (mesh, provider) = self.node().await?;
+        let (cdn, origin) = match cdn {
+            Some(c) => (c, Origin::Cdn),
+            // Never contacted: with `Origin::PeersOnly` every chunk comes from peers.
+            None => (Coordinator::new("http://127.0.0.1:1").ok()?, Origin::PeersOnly),
+        };
+        Some(crate::install::ChunkSource::Peer(PeerFirst {
+            mesh: mesh.clone(),
+            provider: provider.clone(),
+            cdn,
+            origin,
+            deadline: self.settings.deadline,
+            started: Instant::now(),
+            sources: Arc::default(),
+        }))
     }
 
     async fn node(&self) -> Option<&(Mesh, Arc<SlotChunks>)> {
@@ -191,6 +238,7 @@ impl MeshSlot {
         config.bootstrap = bootstrap;
         config.mdns = self.settings.mdns;
         config.max_upload_rate = self.settings.max_upload_rate;
+        config.trust_root = self.trust_root.lock().unwrap_or_else(|e| e.into_inner()).clone();
         config.keypair = Some(flotilla_mesh::cache::load_or_create_key(&self.key_path).map_err(|e| e.to_string())?);
         let provider = Arc::new(SlotChunks::default());
         let mesh = Mesh::start(config, provider.clone()).await.map_err(|e| e.to_string())?;
@@ -229,6 +277,7 @@ impl MeshSlot {
                 mesh: mesh.clone(),
                 provider: provider.clone(),
                 cdn,
+                origin: Origin::Cdn,
                 deadline: self.settings.deadline,
                 started: Instant::now(),
                 sources: Arc::default(),
@@ -238,12 +287,22 @@ impl MeshSlot {
     }
 }
 
+/// Whether a chunk no peer delivers comes from the CDN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Past the deadline (or as the site's rendezvous fetcher), from the CDN.
+    Cdn,
+    /// Never: a device with no coordinator configured waits for peers up to the deadline.
+    PeersOnly,
+}
+
 /// Peers first, then the CDN; see the module docs.
 #[derive(Debug, Clone)]
 pub struct PeerFirst {
     mesh: Mesh,
     provider: Arc<SlotChunks>,
     cdn: Coordinator,
+    origin: Origin,
     deadline: Duration,
     /// When the install began.
     started: Instant,
@@ -280,13 +339,30 @@ impl PeerFirst {
                     return Ok(f.object);
                 }
                 Err(MeshError::NotFound { .. }) => {}
+                Err(e) if self.origin == Origin::PeersOnly => {
+                    return Err(ClientError::Status {
+                        url: format!("mesh:/chunks/{id}"),
+                        status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                        body: e.to_string(),
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "mesh unavailable; using the CDN");
                     break;
                 }
             }
             let settled = self.started.elapsed() >= ORIGIN_DELAY.min(self.deadline);
-            if started.elapsed() >= self.deadline || (settled && self.is_origin_fetcher(id).await) {
+            if self.origin == Origin::PeersOnly && started.elapsed() >= self.deadline {
+                // Transient: the install resumes when the offer is heard again.
+                return Err(ClientError::Status {
+                    url: format!("mesh:/chunks/{id}"),
+                    status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                    body: "no peer delivered the chunk within the deadline, and no CDN is configured".into(),
+                });
+            }
+            if self.origin == Origin::Cdn
+                && (started.elapsed() >= self.deadline || (settled && self.is_origin_fetcher(id).await))
+            {
                 break;
             }
             tokio::time::sleep(PEER_RETRY.min(self.deadline.saturating_sub(started.elapsed()))).await;

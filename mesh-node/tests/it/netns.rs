@@ -14,20 +14,20 @@ const UPLINK: &str = "40mbit";
 /// Liveness bound of the whole site's install (not a timing assertion).
 const SITE_LIMIT: Duration = Duration::from_secs(300);
 
-fn ip(args: &[&str]) {
+pub(crate) fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 /// A bridge in this namespace with hosts (namespaces) attached; removed on drop.
-struct Net {
+pub(crate) struct Net {
     tag: String,
-    subnet: String,
+    pub(crate) subnet: String,
     hosts: Vec<String>,
 }
 
 impl Net {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let n = std::process::id() % 250;
         let net = Self { tag: format!("fl{n}"), subnet: format!("10.213.{n}"), hosts: Vec::new() };
         // Leftovers of a run that was killed before it could clean up.
@@ -49,7 +49,7 @@ impl Net {
     }
 
     /// Adds host `k` (a namespace with `eth0` at `<subnet>.k`); returns the namespace name.
-    fn host(&mut self, k: u8) -> String {
+    pub(crate) fn host(&mut self, k: u8) -> String {
         let ns = format!("{}h{k}", self.tag);
         let (outer, inner) = (format!("{}v{k}", self.tag), format!("{}p{k}", self.tag));
         ip(&["netns", "add", &ns]);
@@ -66,7 +66,7 @@ impl Net {
     }
 
     /// Shapes what host `ns` sends (the origin's uplink to the site).
-    fn shape(&self, ns: &str, rate: &str) {
+    pub(crate) fn shape(&self, ns: &str, rate: &str) {
         let out = Command::new("ip")
             .args(["netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate])
             .args(["burst", "64kb", "latency", "200ms"])
@@ -86,7 +86,7 @@ impl Drop for Net {
 }
 
 /// Kills the agents on drop.
-struct Daemons(Vec<Child>);
+pub(crate) struct Daemons(pub(crate) Vec<Child>);
 
 impl Drop for Daemons {
     fn drop(&mut self) {

@@ -99,7 +99,21 @@ impl Coordinator {
 
     /// Starts the coordinator in network namespace `ns` (None: this one), listening on `listen`.
     pub(crate) fn start_in(ns: Option<&str>, listen: &str) -> Self {
-        let data = tempfile::tempdir().expect("tmp");
+        Self::start_with_data(ns, listen, tempfile::tempdir().expect("tmp"))
+    }
+
+    /// Stops the process and hands back its data directory (database, rollout key).
+    pub(crate) fn stop(mut self) -> tempfile::TempDir {
+        std::mem::replace(&mut self._data, tempfile::tempdir().expect("tmp"))
+    }
+
+    /// The coordinator's `rollout`-role signing key.
+    pub(crate) fn rollout_key(&self) -> PathBuf {
+        self._data.path().join("rollout-key.pem")
+    }
+
+    /// Starts the coordinator on the data directory of an earlier one.
+    pub(crate) fn start_with_data(ns: Option<&str>, listen: &str, data: tempfile::TempDir) -> Self {
         let mut child = in_netns(ns, &workspace_bin("flotilla-coordinator"))
             .env("FLOTILLA_DATA_DIR", data.path())
             .env("FLOTILLA_LISTEN", listen)
@@ -195,7 +209,12 @@ impl Publisher {
 
     /// `flotilla export ID DIR`.
     pub(crate) fn export(&self, id: i64, out: &Path) {
-        run_ok(self.cli(&self.api_key).args(["export", &id.to_string()]).arg(out));
+        self.export_with(id, out, &[]);
+    }
+
+    /// `flotilla export ID DIR ARGS…`.
+    pub(crate) fn export_with(&self, id: i64, out: &Path, args: &[&std::ffi::OsStr]) {
+        run_ok(self.cli(&self.api_key).args(["export", &id.to_string()]).arg(out).args(args));
     }
 }
 
@@ -232,14 +251,28 @@ impl SiteCache {
     /// makes it a malicious peer serving bad chunks.
     pub(crate) fn start(trust_root: &Path, export: &Path, corrupt: Option<&str>) -> Self {
         let store = tempfile::tempdir().expect("tmp");
-        let mut cmd = Command::new(mesh_bin());
+        let args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--import"].map(std::ffi::OsStr::new);
+        let mut args = args.to_vec();
+        args.push(export.as_os_str());
+        Self::start_with(None, store, trust_root, &args, corrupt)
+    }
+
+    /// Starts `serve` in network namespace `ns` on the store `store` with `args`.
+    pub(crate) fn start_with(
+        ns: Option<&str>,
+        store: tempfile::TempDir,
+        trust_root: &Path,
+        args: &[&std::ffi::OsStr],
+        corrupt: Option<&str>,
+    ) -> Self {
+        let mut cmd = in_netns(ns, &mesh_bin());
         cmd.arg("serve")
             .arg("--store")
             .arg(store.path())
             .arg("--trust-root")
             .arg(trust_root)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--stats-every", "100ms", "--import"])
-            .arg(export)
+            .args(["--stats-every", "100ms"])
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -293,6 +326,11 @@ impl Agent {
 
     /// With `mesh` as the body of the config's `[mesh]` section.
     pub(crate) fn with_mesh(coord: &Coordinator, trust_root: &Path, id: &str, mesh: &str) -> Self {
+        Self::with_url(&coord.url, trust_root, id, mesh)
+    }
+
+    /// Configured for the coordinator at `url` (which need not be running).
+    pub(crate) fn with_url(url: &str, trust_root: &Path, id: &str, mesh: &str) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path();
         std::fs::copy(trust_root, p.join("trust-root.json")).expect("copy root");
@@ -303,7 +341,6 @@ impl Agent {
              [slots]\nkind = \"file\"\na = \"{a}\"\nb = \"{b}\"\n\
              [bootloader]\nkind = \"env-file\"\npath = \"{env}\"\nbooted = \"simulate\"\n\
              [mesh]\n{mesh}",
-            url = coord.url,
             root = p.join("trust-root.json").display(),
             state = p.join("state").display(),
             a = p.join("slot-a.img").display(),
