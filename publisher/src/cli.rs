@@ -39,6 +39,8 @@ pub enum Command {
     Product(ProductCommand),
     /// Chunk, sign and publish a release.
     Release(Box<ReleaseArgs>),
+    /// Add a patch from an earlier release to a published one (re-signs its manifest).
+    Patch(Box<crate::delta::PatchArgs>),
     /// List or show releases.
     #[command(subcommand)]
     Releases(ReleasesCommand),
@@ -247,6 +249,9 @@ pub struct ReleaseArgs {
     /// Parallel uploads.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,
+    /// Patches from earlier releases.
+    #[command(flatten)]
+    pub delta: crate::delta::DeltaArgs,
 }
 
 /// `releases`.

@@ -11,6 +11,7 @@
 //! - [`client`]: the coordinator API, errors mapped to exit codes.
 //! - [`keys`]: signing keys and trust roots.
 //! - [`release`]: the publish pipeline.
+//! - [`delta`]: patches from earlier releases (`release`, `patch`).
 //! - [`ops`]: products, releases, rollout control, rollback, devices.
 //! - [`export`]: offline export and verification.
 //! - [`error`]: error kinds and exit codes.
@@ -21,6 +22,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod delta;
 pub mod error;
 pub mod export;
 pub mod keys;
@@ -189,6 +191,7 @@ async fn dispatch(cli: &Cli) -> CliResult<Value> {
         }
         Command::Product(cmd) => ops::product(&client(cli)?, cmd).await,
         Command::Release(args) => release::run(&client(cli)?, args, quiet).await,
+        Command::Patch(args) => delta::patch(&client(cli)?, args, quiet).await,
         Command::Releases(ReleasesCommand::List { product, channel }) => {
             let mut q = Vec::new();
             if let Some(p) = product {

@@ -273,6 +273,10 @@ pub async fn run(client: &Client, args: &ReleaseArgs, quiet: bool) -> CliResult<
         upload_chunks(client, &input.path, &chunked, &missing, args.parallel, quiet).await?;
     let index_bytes = chunked.index.encode();
     client.put_bytes(&format!("/v1/indexes/{}", chunked.index.id()), index_bytes.clone()).await?;
+    let target = crate::delta::Target { path: &input.path, index: &chunked.index, sha256: chunked.sha256 };
+    let (deltas, delta_report) =
+        crate::delta::for_release(client, &args.product, &args.channel, version_code, target, &args.delta, quiet)
+            .await?;
 
     let now = Timestamp::now();
     let manifest = Manifest {
@@ -290,7 +294,7 @@ pub async fn run(client: &Client, args: &ReleaseArgs, quiet: bool) -> CliResult<
         },
         chunking: params,
         index: IndexRef { id: chunked.index.id(), size: index_bytes.len() as u64 },
-        deltas: Vec::new(),
+        deltas,
         compatibility: Compatibility {
             hardware: args.hardware.clone(),
             platforms: args.target_platforms.clone(),
@@ -329,6 +333,7 @@ pub async fn run(client: &Client, args: &ReleaseArgs, quiet: bool) -> CliResult<
         "uploaded_chunks": uploaded_chunks,
         "uploaded_bytes": uploaded_bytes,
         "reused_chunks": chunked.index.len() as u64 - uploaded_chunks,
+        "deltas": delta_report,
         "rollout": published["basis_points"].as_u64().map(|bp| bp as f64 / 100.0),
         "elapsed_s": started.elapsed().as_secs_f64(),
     }))

@@ -263,6 +263,8 @@ async fn publish(
         ));
     }
 
+    check_deltas_stored(state, &m).await?;
+
     let plan = match plan_override {
         Some(p) => p,
         None => plan_for(state, req.rollout.as_ref(), product_plan)?,
@@ -304,6 +306,9 @@ pub(crate) async fn publish_release(
     who: Principal,
     Json(req): Json<PublishRequest>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    if let Some(done) = republish_deltas(&state, &who, &req).await? {
+        return Ok(done);
+    }
     let (id, verified, plan) = publish(&state, &who, req, None).await?;
     let m = verified.manifest();
     let after = serde_json::json!({ "id": id, "version": m.version.to_string(), "version_code": m.version_code, "basis_points": plan.stages[0].basis_points() });
@@ -315,6 +320,92 @@ pub(crate) async fn publish_release(
             serde_json::json!({ "id": id, "version": m.version.to_string(), "version_code": m.version_code, "state": "active", "basis_points": plan.stages[0].basis_points() }),
         ),
     ))
+}
+
+/// Every offered patch's index and chunks must be stored before a manifest lists it; the
+/// index must describe `patch_size` bytes.
+async fn check_deltas_stored(state: &AppState, m: &flotilla_core::manifest::Manifest) -> ApiResult<()> {
+    for d in &m.deltas {
+        let key = object_key(ObjectKind::Index, &d.patch_index.id.to_hex());
+        let missing = || {
+            ApiError::unprocessable(
+                "delta_missing",
+                format!("the patch index {} of the delta from {} is not uploaded", d.patch_index.id, d.from_version),
+            )
+        };
+        let stored = state.store.get(&key, None).await?.ok_or_else(missing)?;
+        let index = ChunkIndex::decode(&stored.bytes)
+            .map_err(|e| ApiError::unprocessable("delta_rejected", format!("patch index refused: {e}")))?;
+        if stored.bytes.len() as u64 != d.patch_index.size || index.image_size() != d.patch_size {
+            return Err(ApiError::unprocessable(
+                "delta_rejected",
+                format!("the patch index of the delta from {} disagrees with the manifest's sizes", d.from_version),
+            ));
+        }
+        let ids: Vec<String> = index.entries().iter().map(|e| e.id.to_hex()).collect();
+        let present = stored_ids(state, ObjectKind::Chunk, &ids).await?;
+        if ids.iter().any(|id| !present.contains(id)) {
+            return Err(missing());
+        }
+    }
+    Ok(())
+}
+
+/// A manifest for an already published version that differs from the stored one only in
+/// `deltas` (`flotilla patch` adding a patch after the fact) replaces the stored manifest:
+/// same release, version_code, payload and rollout. `None` when this is not such a request.
+async fn republish_deltas(
+    state: &AppState,
+    who: &Principal,
+    req: &PublishRequest,
+) -> ApiResult<Option<(StatusCode, Json<serde_json::Value>)>> {
+    who.require_publisher_of(&req.product)?;
+    let Some(root) = state.cache.root(&req.product) else { return Ok(None) };
+    let Ok(verified) = verify_signed(req.manifest.as_bytes(), &root, Timestamp::now()) else { return Ok(None) };
+    let m = verified.manifest();
+    if m.product != req.product {
+        return Ok(None);
+    }
+    let row: Option<(i64, String)> =
+        sqlx::query_as("SELECT id, manifest FROM releases WHERE product = $1 AND channel = $2 AND version = $3")
+            .bind(&m.product)
+            .bind(&m.channel)
+            .bind(m.version.to_string())
+            .fetch_optional(&state.db.pool)
+            .await?;
+    let Some((id, stored)) = row else { return Ok(None) };
+    let Some(mut before) = crate::state::parse_stored_manifest(&stored) else { return Ok(None) };
+    let mut after = m.clone();
+    let (old_deltas, new_deltas) = (before.deltas.len(), after.deltas.len());
+    before.deltas.clear();
+    after.deltas.clear();
+    if before != after {
+        return Ok(None);
+    }
+    check_deltas_stored(state, m).await?;
+    sqlx::query("UPDATE releases SET manifest = $1, manifest_sha256 = $2 WHERE id = $3")
+        .bind(&req.manifest)
+        .bind(verified.payload_sha256().to_hex())
+        .bind(id)
+        .execute(&state.db.pool)
+        .await?;
+    audit(
+        state,
+        &who.label,
+        "update_deltas",
+        &format!("release:{id}"),
+        Some(&serde_json::json!({ "deltas": old_deltas })),
+        Some(&serde_json::json!({ "deltas": new_deltas })),
+    )
+    .await?;
+    state.cache.reload(&state.db).await?;
+    tracing::info!(release = id, deltas = new_deltas, "release manifest re-signed with other deltas");
+    Ok(Some((
+        StatusCode::OK,
+        Json(
+            serde_json::json!({ "id": id, "version": m.version.to_string(), "version_code": m.version_code, "deltas": new_deltas, "updated": true }),
+        ),
+    )))
 }
 
 #[derive(Debug, Deserialize)]

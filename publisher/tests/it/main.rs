@@ -2,6 +2,7 @@
 //! SQLite and on PostgreSQL (`FLOTILLA_TEST_PG_URL`, set by `scripts/test.sh`).
 
 mod bad_input;
+mod deltas;
 mod flow;
 mod replicas;
 mod support;
