@@ -10,8 +10,10 @@ source scripts/lib.sh # also sets CARGO_TARGET_DIR (default: ~/.cache/flotilla/t
 
 # Tests that need a real service install and start it here; a test that cannot find its
 # service fails, it never skips. The coordinator's tests run against a real PostgreSQL; the
-# mesh's site test puts each agent in its own network namespace (ip, tc: iproute2; needs root).
-need_pkgs "${FLOTILLA_BUILD_PKGS[@]}" postgresql iproute2
+# mesh's site test puts each agent in its own network namespace (ip, tc: iproute2; needs root);
+# the agent's trust-root test forges a coordinator's chain with sqlite3; its block-slot test
+# uses loop devices (losetup: util-linux; needs root).
+need_pkgs "${FLOTILLA_BUILD_PKGS[@]}" postgresql iproute2 sqlite3 util-linux
 need_cargo
 
 if [[ -z ${FLOTILLA_TEST_PG_URL:-} ]]; then

@@ -20,10 +20,14 @@ use crate::durable::write_atomic;
 use crate::events::{EventKind, EventQueue};
 use crate::install::{self, ChunkSource, WriteError, WritePlan};
 use crate::journal::{ByteSources, Journal, JournalError, MAX_TRANSITIONS, Release, State, Target};
+use crate::probation::{Probation, ProbationPolicy};
+use crate::rootchain::{RootChainError, RootStore};
 use crate::slot::{SlotError, SlotName, Slots};
 
 #[path = "offline.rs"]
 mod offline;
+
+mod probation;
 
 /// This agent's version (sent to the coordinator, checked against `min_agent_version`).
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -77,9 +81,21 @@ pub enum AgentError {
     /// Another install or trial is in progress.
     #[error("an install is in state {0:?}; finish it (reboot, boot-check) first")]
     Busy(State),
+    /// The committed release is on crash-loop probation: its fallback slot must stay intact.
+    #[error(
+        "release {version} is on crash-loop probation; no install may overwrite the fallback slot until it is over \
+         (see `status`)"
+    )]
+    OnProbation {
+        /// The release on probation.
+        version: String,
+    },
     /// Another agent process holds the state lock.
     #[error("another flotilla-agent is working on {0}; try again when it is done")]
     Locked(PathBuf),
+    /// A newer trust root from the coordinator was refused.
+    #[error("release refused: {0}")]
+    RootChain(#[from] RootChainError),
     /// The trust root file.
     #[error("trust root {path}: {message}")]
     TrustRoot {
@@ -214,6 +230,12 @@ pub enum CheckReport {
     },
     /// A slot is on trial; `boot-check` decides.
     OnTrial,
+    /// The committed release is on crash-loop probation; nothing is installed until it is
+    /// over (its fallback slot must stay intact).
+    OnProbation {
+        /// The release on probation.
+        version: String,
+    },
 }
 
 /// What `boot-check` did.
@@ -263,7 +285,10 @@ pub struct Agent {
     slots: Slots,
     boot: BootControl,
     queue: EventQueue,
-    root: TrustRoot,
+    // A lock because a rotation replaces the root while the agent is shared (`&self`); held
+    // only to clone or swap, never across an await.
+    root: std::sync::RwLock<TrustRoot>,
+    roots: RootStore,
     device_id: String,
     mesh: crate::peer::MeshSlot,
 }
@@ -285,10 +310,12 @@ impl Agent {
             .mode(0o700)
             .create(&config.state_dir)
             .map_err(io_err(format!("creating the state directory {}", config.state_dir.display())))?;
-        let root_bytes = std::fs::read(&config.trust_root)
+        // The provisioned root, then every successor kept after a rotation, each step verified.
+        let roots = RootStore::new(&config.trust_root, &config.state_dir.join("trust-roots"));
+        let root = roots
+            .load()
             .map_err(|e| AgentError::TrustRoot { path: config.trust_root.clone(), message: e.to_string() })?;
-        let root = TrustRoot::from_trusted_json(&root_bytes)
-            .map_err(|e| AgentError::TrustRoot { path: config.trust_root.clone(), message: e.to_string() })?;
+        let root = std::sync::RwLock::new(root);
         let device_id = resolve_device_id(&config)?;
         let slots = Slots::from_config(&config.slots);
         let boot = match &config.slots {
@@ -298,7 +325,7 @@ impl Agent {
         let paths = Paths { dir: config.state_dir.clone() };
         let queue = EventQueue::new(&paths.events());
         let mesh = crate::peer::MeshSlot::new(config.mesh.clone(), paths.dir.join("mesh.key"));
-        Ok(Self { config, paths, slots, boot, queue, root, device_id, mesh })
+        Ok(Self { config, paths, slots, boot, queue, root, roots, device_id, mesh })
     }
 
     /// The state directory's files.
@@ -314,6 +341,34 @@ impl Agent {
     /// The config.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The trust root in use (the provisioned one or its newest verified successor).
+    pub fn trust_root(&self) -> TrustRoot {
+        match self.root.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Fetches the roots after the current one from the coordinator and walks the chain
+    /// ([`crate::rootchain`]); returns whether the root moved. A step that does not verify
+    /// is refused (the roots verified before it are kept).
+    async fn refresh_trust_root(&self, c: &Coordinator) -> Result<bool, AgentError> {
+        let Some(enrollment) = self.load_enrollment() else { return Ok(false) };
+        let current = self.trust_root();
+        let chain = c.trust_roots(&enrollment.token, &self.config.product, current.version()).await?;
+        let mut accepted = None;
+        let walked = self.roots.advance(&current, &chain, &mut accepted);
+        let moved = accepted.is_some();
+        if let Some(next) = accepted {
+            match self.root.write() {
+                Ok(mut r) => *r = next,
+                Err(poisoned) => *poisoned.into_inner() = next,
+            }
+        }
+        walked?;
+        Ok(moved)
     }
 
     /// Takes the state lock: one agent process acts at a time.
@@ -456,6 +511,9 @@ impl Agent {
         if j.state == State::Trial {
             return Ok(CheckReport::OnTrial);
         }
+        if let Some(version) = self.probation_gate(&mut j)? {
+            return Ok(CheckReport::OnProbation { version });
+        }
         let c = self.coordinator()?;
         let result = self.check_and_install(&c, &mut j).await;
         let _ = self.flush_events().await;
@@ -551,6 +609,9 @@ impl Agent {
         if let Some(r) = self.resume_activation(&mut j)? {
             return Ok(r);
         }
+        if let Some(version) = self.probation_gate(&mut j)? {
+            return Err(AgentError::OnProbation { version });
+        }
         if path.is_dir() {
             return self.install_export_dir(&mut j, path, path).await;
         }
@@ -624,7 +685,7 @@ impl Agent {
         let mut signed_time = None;
         if let Some((assignment, nonce)) = src.assignment {
             let now = trusted_now(Timestamp::now(), j.time_floor, None);
-            let a = verify_assignment(assignment, &self.root, &self.device_id, nonce, now)?;
+            let a = verify_assignment(assignment, &self.trust_root(), &self.device_id, nonce, now)?;
             signed_time = Some(a.server_time());
             j.time_floor = Some(j.time_floor.map_or(a.server_time(), |t| t.max(a.server_time())));
             let m = self.verify_manifest(j, src.envelope, signed_time)?;
@@ -653,7 +714,7 @@ impl Agent {
         ctx.agent_version = flotilla_core::version::parse_version(AGENT_VERSION).ok();
         ctx.native_version =
             self.config.native_version.as_deref().and_then(|v| flotilla_core::version::parse_version(v).ok());
-        let m = verify_for_device(envelope, &self.root, &ctx)?;
+        let m = verify_for_device(envelope, &self.trust_root(), &ctx)?;
         if j.blacklist.contains(&m.payload_sha256()) {
             let man = m.manifest();
             return Err(AgentError::Blacklisted { version: man.version.to_string(), version_code: man.version_code });
@@ -666,7 +727,20 @@ impl Agent {
             return Err(AgentError::Busy(j.state));
         }
         // Verify everything before fetching anything.
-        let m = match self.verify(j, &src) {
+        let mut verified = self.verify(j, &src);
+        // Signed by keys the device does not know yet, or under an expired root: a rotation
+        // may have happened since the device was provisioned. Walk the coordinator's chain
+        // and try once more.
+        if let (Err(e), IndexFrom::Coordinator(c, _)) = (&verified, &src.index)
+            && may_need_newer_root(e)
+        {
+            verified = match self.refresh_trust_root(c).await {
+                Ok(true) => self.verify(j, &src),
+                Ok(false) => verified,
+                Err(e) => Err(e),
+            };
+        }
+        let m = match verified {
             Ok(m) => m,
             Err(e) => return Err(self.refuse(j, src.release_id, e)),
         };
@@ -859,6 +933,7 @@ impl Agent {
                     self.rollback(&mut j, why)?
                 }
             }
+            (State::Committed, _) if j.probation.is_some() => self.probation_boot(&mut j, booted).await?,
             _ => {
                 if booted == j.active {
                     self.boot.mark_good(booted)?;
@@ -926,8 +1001,14 @@ impl Agent {
         j.previous = j.installed.take();
         j.installed = Some(t.release.clone());
         j.active = t.slot;
-        // The anti-rollback floor rises only now that the new slot is committed.
-        j.security_floor = j.security_floor.max(t.release.security_version);
+        if ProbationPolicy::from_config(&self.config.health).is_some() {
+            // The previous slot stays the fallback, and the floor stays down, until the
+            // crash-loop probation is over.
+            j.probation = Some(Probation::start(Timestamp::now()));
+        } else {
+            // The anti-rollback floor rises only now that the new slot is committed.
+            j.security_floor = j.security_floor.max(t.release.security_version);
+        }
         j.last_error = None;
         j.transition(State::Committed, &self.paths.journal())?;
         let _ = std::fs::remove_file(self.paths.healthy_flag());
@@ -963,6 +1044,12 @@ impl Agent {
                     .map_err(io_err("writing the healthy mark"))?;
                 Ok(Some(t.release.version.clone()))
             }
+            (State::Committed, _) if j.probation.is_some() => {
+                let Some(r) = &j.installed else { return Ok(None) };
+                write_atomic(&self.paths.healthy_flag(), r.manifest_sha256.to_hex().as_bytes())
+                    .map_err(io_err("writing the healthy mark"))?;
+                Ok(Some(r.version.clone()))
+            }
             _ => Ok(None),
         }
     }
@@ -986,9 +1073,11 @@ impl Agent {
             "previous": j.previous,
             "target": j.target,
             "security_floor": j.security_floor,
+            "trust_root_version": self.trust_root().version(),
             "time_floor": j.time_floor,
             "blacklist": j.blacklist,
             "last_error": j.last_error,
+            "probation": j.probation,
             "slots": self.slots.kind(),
             "bootloader": self.boot.describe(),
             "bundle_path": self.slots.current_link(),
@@ -1018,6 +1107,15 @@ impl Agent {
         }
         tracing::info!("agent stopped");
     }
+}
+
+/// Whether a refusal could be the device's trust root being behind the publisher's.
+fn may_need_newer_root(e: &AgentError) -> bool {
+    matches!(
+        e,
+        AgentError::Manifest(ManifestError::Signature(_) | ManifestError::RootExpired { .. })
+            | AgentError::Assignment(AssignmentError::Signature(_))
+    )
 }
 
 fn jitter(max: Duration) -> Duration {

@@ -148,6 +148,10 @@ pub struct Coordinator {
     base: String,
 }
 
+/// Largest trust-root chain answer read (64 roots of up to 512 KiB are far more than any
+/// real chain; a hostile server cannot make the agent buffer more).
+const MAX_CHAIN_BYTES: u64 = 8 << 20;
+
 fn truncate(s: String) -> String {
     if s.len() > 512 { format!("{}…", &s[..s.char_indices().nth(500).map_or(s.len(), |(i, _)| i)]) } else { s }
 }
@@ -283,6 +287,46 @@ impl Coordinator {
             return Err(Self::error_of(&url, resp).await);
         }
         read_bounded(&url, resp, limit).await
+    }
+
+    /// `GET /v1/products/{product}/trust-roots?after=N`: the roots after version N as
+    /// (version, envelope), unverified (the caller walks the chain).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn trust_roots(
+        &self,
+        token: &str,
+        product: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        let url = self.url(&format!("/v1/products/{product}/trust-roots"));
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(token)
+            .query(&[("after", after)])
+            .send()
+            .await
+            .map_err(|source| ClientError::Network { url: url.clone(), source })?;
+        if !resp.status().is_success() {
+            return Err(Self::error_of(&url, resp).await);
+        }
+        let bytes = read_bounded(&url, resp, MAX_CHAIN_BYTES).await?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Body { url: url.clone(), message: e.to_string() })?;
+        let Some(list) = v["trust_roots"].as_array() else {
+            return Err(ClientError::Body { url, message: "no trust_roots list".into() });
+        };
+        list.iter()
+            .map(|r| match (r["version"].as_u64(), r["trust_root"].as_str()) {
+                (Some(version), Some(text)) => Ok((version, text.as_bytes().to_vec())),
+                _ => Err(ClientError::Body {
+                    url: url.clone(),
+                    message: "a trust root entry without version or envelope".into(),
+                }),
+            })
+            .collect()
     }
 
     /// Sends a batch of events.

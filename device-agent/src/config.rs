@@ -253,6 +253,18 @@ pub struct HealthConfig {
     /// The checks; all must pass.
     #[serde(default)]
     pub checks: Vec<HealthCheck>,
+    /// Crash-loop probation after a commit: healthy boots of the new slot before the commit
+    /// is final (default 0; see [`crate::probation`]). Probation is on when this or
+    /// `probation_time` is set; while it lasts no install may overwrite the previous slot.
+    #[serde(default)]
+    pub probation_boots: u32,
+    /// Crash-loop probation: time after the commit before it is final (default: none).
+    #[serde(default, with = "humantime_serde")]
+    pub probation_time: Option<Duration>,
+    /// Crashes in a row during probation (boots that do not reach healthy, crashes reported
+    /// with `flotilla-agent report-crash`) that roll the device back (default 3).
+    #[serde(default = "default_attempts")]
+    pub crash_limit: u32,
 }
 
 impl Default for HealthConfig {
@@ -262,6 +274,9 @@ impl Default for HealthConfig {
             mark_good_timeout: None,
             check_timeout: default_check_timeout(),
             checks: Vec::new(),
+            probation_boots: 0,
+            probation_time: None,
+            crash_limit: default_attempts(),
         }
     }
 }
@@ -385,6 +400,12 @@ impl Config {
         }
         if self.health.boot_attempts == 0 || self.health.boot_attempts > 100 {
             return invalid("health.boot_attempts", "between 1 and 100");
+        }
+        if self.health.crash_limit == 0 || self.health.crash_limit > 100 {
+            return invalid("health.crash_limit", "between 1 and 100");
+        }
+        if self.health.probation_boots > 1000 {
+            return invalid("health.probation_boots", "at most 1000");
         }
         if self.mesh.enabled
             && let Err((field, reason)) = self.mesh.addresses()

@@ -29,6 +29,7 @@ pub const POINTS: &[&str] = &[
     "trial",
     "committed-env",
     "rolled-back-env",
+    "probation-counted",
     "event-queued",
     "events-sent",
 ];

@@ -13,6 +13,7 @@ use flotilla_core::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::durable::{self, Sealed};
+use crate::probation::Probation;
 use crate::slot::SlotName;
 
 /// Most transitions one target may go through before the agent gives up on it (Mender's
@@ -174,6 +175,9 @@ pub struct Journal {
     pub blacklist: Vec<Sha256Digest>,
     /// Why the last install failed or was rolled back.
     pub last_error: Option<String>,
+    /// The committed slot's crash-loop probation, while it lasts ([`crate::probation`]).
+    #[serde(default)]
+    pub probation: Option<Probation>,
 }
 
 impl Default for Journal {
@@ -189,6 +193,7 @@ impl Default for Journal {
             time_floor: None,
             blacklist: Vec::new(),
             last_error: None,
+            probation: None,
         }
     }
 }

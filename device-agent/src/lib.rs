@@ -24,6 +24,8 @@
 //! - [`events`]: the on-disk event queue.
 //! - [`client`]: the coordinator's device API.
 //! - [`peer`]: peer-first chunk fetching over the mesh, and what the device serves.
+//! - [`rootchain`]: trust-root rotation: the chain from the provisioned root, kept durably.
+//! - [`probation`]: the crash-loop probation window after a commit.
 //! - [`crash`]: named crash points for power-cut tests.
 //!
 //! # Example
@@ -52,4 +54,6 @@ pub mod health;
 pub mod install;
 pub mod journal;
 pub mod peer;
+pub mod probation;
+pub mod rootchain;
 pub mod slot;

@@ -45,8 +45,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mark the slot on trial healthy (what an app calls once it runs well).
+    /// Mark the slot on trial (or on probation) healthy (what an app calls once it runs well).
     MarkGood,
+    /// Report a crash of the committed release (an app's crash handler, a systemd
+    /// `OnFailure=` hook). During the crash-loop probation it counts toward `crash_limit`;
+    /// the last one rolls back. Exit status: 0 counted or nothing on probation, 3 rolled back.
+    ReportCrash {
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the device's update state.
     Status {
         /// Machine-readable JSON.
@@ -111,6 +119,9 @@ fn describe_check(r: &CheckReport) -> String {
         ),
         CheckReport::RebootPending { slot } => format!("slot {slot} is staged; reboot to run it"),
         CheckReport::OnTrial => "a slot is on trial; boot-check decides".into(),
+        CheckReport::OnProbation { version } => {
+            format!("{version} is on crash-loop probation; installs wait until it is over")
+        }
     }
 }
 
@@ -158,6 +169,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print(json, &r, human);
             Ok(ExitCode::from(code))
         }
+        Command::ReportCrash { json } => match agent.report_crash().await? {
+            Some(r @ BootReport::RolledBack { .. }) => {
+                if let BootReport::RolledBack { slot, reason } = &r {
+                    print(json, &r, format!("rolled back to slot {slot}: {reason}"));
+                }
+                Ok(ExitCode::from(3))
+            }
+            Some(r) => {
+                print(json, &r, "crash counted".into());
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                print(json, &serde_json::json!({ "outcome": "not_on_probation" }), "nothing is on probation".into());
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::MarkGood => {
             match agent.mark_good()? {
                 Some(v) => println!("marked {v} healthy"),

@@ -5,6 +5,8 @@
 mod bad_input;
 mod e2e;
 mod power_cut;
+mod probation;
 mod rollback;
+mod rotation;
 mod support;
 mod tls;
