@@ -76,10 +76,10 @@ impl Coordinator {
 
     /// A coordinator serving HTTPS with the test certificate of `tls_fixture`.
     pub(crate) fn start_tls() -> Self {
-        Self::start_with(&workspace_bin("flotilla-coordinator"), &[
-            ("FLOTILLA_TLS_CERT", tls_fixture("server.pem")),
-            ("FLOTILLA_TLS_KEY", tls_fixture("server.key")),
-        ])
+        Self::start_with(
+            &workspace_bin("flotilla-coordinator"),
+            &[("FLOTILLA_TLS_CERT", tls_fixture("server.pem")), ("FLOTILLA_TLS_KEY", tls_fixture("server.key"))],
+        )
     }
 
     /// Starts the given coordinator binary (the install bench passes a release build).
