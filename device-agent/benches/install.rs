@@ -5,6 +5,12 @@
 //! same disk (FLOTILLA_BENCH_DIR, default the temp dir). Last line:
 //! `install: peak_rss_mib=<n> write_mb_s=<n> dd_mb_s=<n> ratio=<n>`.
 //!
+//! Then (unless FLOTILLA_BENCH_DELTA=0) a second release, the image with 64 scattered 4 KiB
+//! edits and one densely edited 8 MiB span, is installed from the patch the CLI builds (from
+//! the installed image, `--delta-base`), and a line before the last one gives
+//! the agent's peak RSS during that install (VmHWM reset first):
+//! `install-delta: peak_rss_mib=<n> delta_bytes=<n> cdn_bytes=<n> secs=<n>`.
+//!
 //! The install rate is end to end: fetch every chunk over loopback HTTP, verify, write,
 //! fdatasync, then read the whole slot back and hash it; so it understates the raw write rate.
 //! The origin is a release build of the coordinator (built here with a nested
@@ -46,6 +52,60 @@ fn release_coordinator() -> std::path::PathBuf {
     let bin = profile.parent().expect("target dir").join("release").join("flotilla-coordinator");
     assert!(bin.exists(), "{} is missing after the build", bin.display());
     bin
+}
+
+/// Resets this process's VmHWM to its current RSS (Linux `clear_refs` 5).
+fn reset_hwm() {
+    std::fs::write("/proc/self/clear_refs", b"5").expect("reset VmHWM");
+}
+
+/// A second release installed from a patch: the installed image with scattered edits, its
+/// patch built by the CLI against the installed image (`--delta-base`). Commits the first
+/// install, then measures the agent's peak RSS while it fetches and applies the patch into
+/// the other slot. Returns the report line.
+fn delta_install(
+    runtime: &tokio::runtime::Runtime,
+    agent: &Agent,
+    publisher: &Publisher,
+    dev: &Device,
+    size: u64,
+) -> String {
+    use std::os::unix::fs::FileExt as _;
+    let boot = runtime.block_on(agent.boot_check()).expect("boot-check");
+    eprintln!("boot-check: {boot:?}");
+    let (v1, v2) = (dev.path("slot-b.img"), dev.path("v2.img"));
+    std::fs::copy(&v1, &v2).expect("copy the installed image");
+    let f = std::fs::OpenOptions::new().write(true).open(&v2).expect("v2");
+    for k in 0..64u64 {
+        f.write_all_at(&[0xa5u8; 4096], k * (size / 64) + 12_345).expect("edit v2");
+    }
+    // And one densely edited span (16 bytes every 2 KiB over 8 MiB): patch regions as large as
+    // the codec's window, the apply's memory worst case.
+    for k in 0..4096u64 {
+        f.write_all_at(&[0x5au8; 16], size / 3 + k * 2048).expect("edit v2");
+    }
+    drop(f);
+    let t = Instant::now();
+    publisher.release("2.0.0", &v2, &["--delta-base", v1.to_str().expect("path")]);
+    eprintln!("published v2 and its patch in {:.1}s", t.elapsed().as_secs_f64());
+    std::fs::remove_file(&v2).ok();
+    reset_hwm();
+    let before = vm_hwm_kib();
+    let t = Instant::now();
+    let report = runtime.block_on(agent.check_once()).expect("install from the patch");
+    let secs = t.elapsed().as_secs_f64();
+    let peak = vm_hwm_kib();
+    eprintln!("agent (patch): {report:?} in {secs:.1}s (VmHWM after reset {before} KiB, after {peak} KiB)");
+    let bytes = match report {
+        flotilla_agent::agent::CheckReport::Staged { bytes, .. } => bytes,
+        other => panic!("the patch install did not stage: {other:?}"),
+    };
+    format!(
+        "install-delta: peak_rss_mib={:.1} delta_bytes={} cdn_bytes={} secs={secs:.1}",
+        peak as f64 / 1024.0,
+        bytes.delta,
+        bytes.cdn
+    )
 }
 
 fn main() {
@@ -122,6 +182,9 @@ fn main() {
     eprintln!("dd runs (MB/s): {dd_rates:.1?}");
     let dd_mb_s = dd_rates[0];
     let peak_mib = peak as f64 / 1024.0;
+    if std::env::var("FLOTILLA_BENCH_DELTA").as_deref() != Ok("0") {
+        println!("{}", delta_install(&runtime, &agent, &publisher, &dev, size));
+    }
     println!(
         "install: peak_rss_mib={peak_mib:.1} write_mb_s={write_mb_s:.1} dd_mb_s={dd_mb_s:.1} ratio={:.2}",
         write_mb_s / dd_mb_s

@@ -393,8 +393,9 @@ async fn run(
 
     // 2. The patch's index and chunks.
     let patch_index = fetch_index(fetching, delta).await?;
-    let slot_io = |source| Outcome::Slot(WriteError::Io { slot: slot.slot, source });
-    let patch_file = Arc::new(open_patch_file(&plan.patch_path(), delta.patch_size).map_err(slot_io)?);
+    // The patch file lives in the state directory: no room there for it means chunks instead.
+    let patch_io = |source| Outcome::Patch(PatchError::Fetch(WriteError::Io { slot: slot.slot, source }));
+    let patch_file = Arc::new(open_patch_file(&plan.patch_path(), delta.patch_size).map_err(patch_io)?);
     if let ChunkSource::Peer(p) = &fetching.source {
         p.serve_file(plan.patch_path(), &patch_index);
     }
@@ -545,7 +546,7 @@ async fn fetch_patch(
     match failure {
         None => Ok(()),
         Some(e) if e.is_transient() => Err(Outcome::Slot(e)),
-        Some(e @ (WriteError::Io { .. } | WriteError::NoSpace { .. } | WriteError::Task(_))) => Err(Outcome::Slot(e)),
+        Some(e @ WriteError::Task(_)) => Err(Outcome::Slot(e)),
         Some(e) => Err(Outcome::Patch(PatchError::Fetch(e))),
     }
 }

@@ -104,7 +104,7 @@ pub enum WriteError {
 
 impl WriteError {
     /// An I/O error while writing `slot`, naming a full file system as such.
-    fn slot_io(slot: SlotName, size: u64, source: std::io::Error) -> Self {
+    pub(crate) fn slot_io(slot: SlotName, size: u64, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::StorageFull {
             Self::NoSpace { slot, size, source }
         } else {

@@ -75,7 +75,7 @@ pub(super) async fn apply(
     *slot.progress = progress;
     let target = slot.slot;
     result.map_err(|e| match e {
-        Finish::Slot(source) => Outcome::Slot(WriteError::Io { slot: target, source }),
+        Finish::Slot(source) => Outcome::Slot(WriteError::slot_io(target, size, source)),
         Finish::Patch(p) => Outcome::Patch(p),
     })
 }

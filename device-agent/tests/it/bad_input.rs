@@ -44,7 +44,8 @@ fn bad_releases_are_refused_and_the_active_slot_stays() {
     // 1. A chunk tampered with on the store: dropped at every attempt, the install fails.
     let v2 = edited(&v1, 4, 7);
     std::fs::write(publisher.path("v2.img"), &v2).unwrap();
-    let r2 = publisher.release("2.0.0", &publisher.path("v2.img"), &[]);
+    // No patch: this checks a tampered content chunk.
+    let r2 = publisher.release("2.0.0", &publisher.path("v2.img"), &["--no-deltas"]);
     let old: HashSet<String> = chunks_of(&v1, ChunkParams::IMAGE).into_iter().map(|c| c.0).collect();
     let (bad_id, bad_len) = chunks_of(&v2, ChunkParams::IMAGE).into_iter().find(|c| !old.contains(&c.0)).unwrap();
     let obj_path = coord.object_path("chunks", &bad_id);

@@ -47,7 +47,8 @@ fn file_slots_v1_then_v2_fetch_only_changed_chunks() {
     // v2: a few scattered edits.
     let v2 = edited(&v1, 6, 3);
     std::fs::write(publisher.path("v2.img"), &v2).unwrap();
-    let r2 = publisher.release("1.1.0", &publisher.path("v2.img"), &[]);
+    // Chunk reuse alone (patches have their own tests in delta.rs).
+    let r2 = publisher.release("1.1.0", &publisher.path("v2.img"), &["--no-deltas"]);
     let (expected_cdn, new_ids) = new_chunk_bytes(&v1, &v2, ChunkParams::IMAGE);
     assert!(expected_cdn > 0 && expected_cdn < v2.len() as u64 / 2);
 
@@ -112,7 +113,7 @@ fn dir_slots_v1_then_v2_swap_the_bundle_pointer() {
         &bundle,
         &[("index.bundle", js2.clone()), ("assets/logo.bin", assets.clone()), ("new.txt", b"hi".to_vec())],
     );
-    publisher.release("1.1.0", &bundle, &[]);
+    publisher.release("1.1.0", &bundle, &["--no-deltas"]);
     let out = dev.check_once();
     assert_eq!(out["outcome"], "staged", "{out}");
     let cdn = out["bytes"]["cdn"].as_u64().unwrap();
