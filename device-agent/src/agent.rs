@@ -319,7 +319,9 @@ impl Agent {
         let device_id = resolve_device_id(&config)?;
         let slots = Slots::from_config(&config.slots);
         let boot = match &config.slots {
-            SlotsConfig::File { .. } => BootControl::env(&config.bootloader, config.health.boot_attempts),
+            SlotsConfig::File { .. } | SlotsConfig::Block { .. } => {
+                BootControl::env(&config.bootloader, config.health.boot_attempts)
+            }
             SlotsConfig::Dir { root } => BootControl::pointer(root),
         };
         let paths = Paths { dir: config.state_dir.clone() };

@@ -166,6 +166,15 @@ pub enum SlotsConfig {
         /// Slot B's image file.
         b: PathBuf,
     },
+    /// Two block devices (partitions), e.g. `/dev/mmcblk0p2` and `/dev/mmcblk0p3`: raw
+    /// images are written over their start, never past their end. The bootloader section
+    /// says how the device boots them.
+    Block {
+        /// Slot A's device.
+        a: PathBuf,
+        /// Slot B's device.
+        b: PathBuf,
+    },
     /// App bundles: `<root>/a/`, `<root>/b/` (each with its archive `a.tar`, `b.tar`) and the
     /// pointer `<root>/current`, a symlink an app loads its bundle through.
     Dir {
@@ -412,12 +421,12 @@ impl Config {
         {
             return invalid(field, &reason);
         }
-        if let SlotsConfig::File { a, b } = &self.slots
+        if let SlotsConfig::File { a, b } | SlotsConfig::Block { a, b } = &self.slots
             && a == b
         {
             return invalid("slots", "slot a and slot b must be different files");
         }
-        if matches!(self.slots, SlotsConfig::File { .. }) {
+        if matches!(self.slots, SlotsConfig::File { .. } | SlotsConfig::Block { .. }) {
             match self.bootloader.kind {
                 BootloaderKind::EnvFile | BootloaderKind::Grub if self.bootloader.path.is_none() => {
                     return invalid("bootloader.path", "required for env-file and grub");

@@ -244,6 +244,9 @@ impl ReadBack {
             let mut pos = 0u64;
             for end in rx {
                 let t = Instant::now();
+                // The prefix up to `end` is synced: drop its cached pages so the hash is of
+                // what the media returns (DESIGN.md: "check its SHA-256 from the media").
+                crate::slot::drop_cached(&file, pos, end.saturating_sub(pos));
                 while pos < end {
                     let n = (end - pos).min(buf.len() as u64) as usize;
                     file.read_exact_at(&mut buf[..n], pos)?;

@@ -4,7 +4,14 @@
 //! - `dir`: app bundles. The image (a deterministic tar) is written to `<root>/a.tar` or
 //!   `<root>/b.tar`, verified there, then unpacked with core's safe unpacker into `<root>/a/`
 //!   or `<root>/b/`; `<root>/current` is the symlink an app loads its bundle through.
-//! - `block` (partitions) is not built yet: it needs `O_DIRECT` reads and partition discovery.
+//! - `block`: two partitions (or any block devices, e.g. loop devices). Never created or
+//!   truncated: the image is written over the start of the device, whose size is read from
+//!   the device itself (`lseek(SEEK_END)`: no ioctl, no `unsafe`), and an image larger than
+//!   the device is refused before a byte is written. Only raw images fit a partition.
+//!
+//! Read-back: before a slot is hashed for the switch, the page cache of the range is dropped
+//! (`posix_fadvise(POSIX_FADV_DONTNEED)` after `fdatasync`), so the hash is of what the media
+//! returns, not of what the writer left in memory ([`drop_cached`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _};
@@ -44,6 +51,18 @@ pub enum SlotError {
         slot: SlotName,
         /// The cause.
         source: archive::ArchiveError,
+    },
+    /// The image is larger than the block device of the slot.
+    #[error("slot {slot}: {path} holds {device} bytes, the image needs {image}; refusing to write it")]
+    TooSmall {
+        /// The slot.
+        slot: SlotName,
+        /// The device.
+        path: PathBuf,
+        /// Its size.
+        device: u64,
+        /// The image size.
+        image: u64,
     },
     /// The slot's payload kind does not fit the slot type.
     #[error("a {kind:?} payload cannot be installed into {slots} slots")]
@@ -120,6 +139,13 @@ pub enum Slots {
         /// The root.
         root: PathBuf,
     },
+    /// Two block devices (partitions).
+    Block {
+        /// Slot A's device.
+        a: PathBuf,
+        /// Slot B's device.
+        b: PathBuf,
+    },
 }
 
 impl Slots {
@@ -128,22 +154,24 @@ impl Slots {
         match c {
             SlotsConfig::File { a, b } => Self::File { a: a.clone(), b: b.clone() },
             SlotsConfig::Dir { root } => Self::Dir { root: root.clone() },
+            SlotsConfig::Block { a, b } => Self::Block { a: a.clone(), b: b.clone() },
         }
     }
 
-    /// `file` or `dir`.
+    /// `file`, `dir` or `block`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::File { .. } => "file",
             Self::Dir { .. } => "dir",
+            Self::Block { .. } => "block",
         }
     }
 
     /// The file an image is written to and verified in.
     pub fn image_path(&self, slot: SlotName) -> PathBuf {
         match (self, slot) {
-            (Self::File { a, .. }, SlotName::A) => a.clone(),
-            (Self::File { b, .. }, SlotName::B) => b.clone(),
+            (Self::File { a, .. } | Self::Block { a, .. }, SlotName::A) => a.clone(),
+            (Self::File { b, .. } | Self::Block { b, .. }, SlotName::B) => b.clone(),
             (Self::Dir { root }, s) => root.join(format!("{}.tar", s.lower())),
         }
     }
@@ -152,7 +180,7 @@ impl Slots {
     pub fn bundle_dir(&self, slot: SlotName) -> Option<PathBuf> {
         match self {
             Self::Dir { root } => Some(root.join(slot.lower())),
-            Self::File { .. } => None,
+            Self::File { .. } | Self::Block { .. } => None,
         }
     }
 
@@ -160,7 +188,7 @@ impl Slots {
     pub fn current_link(&self) -> Option<PathBuf> {
         match self {
             Self::Dir { root } => Some(root.join("current")),
-            Self::File { .. } => None,
+            Self::File { .. } | Self::Block { .. } => None,
         }
     }
 
@@ -171,18 +199,28 @@ impl Slots {
     pub fn check_kind(&self, kind: PayloadKind) -> Result<(), SlotError> {
         match (self, kind) {
             (Self::Dir { .. }, PayloadKind::Raw) => Err(SlotError::WrongKind { kind, slots: "dir" }),
+            (Self::Block { .. }, PayloadKind::Archive) => Err(SlotError::WrongKind { kind, slots: "block" }),
             _ => Ok(()),
         }
     }
 
     /// Opens a slot's image for writing at offsets, sized to `size`. Existing bytes are kept
-    /// (a resumed install finds what it wrote before).
+    /// (a resumed install finds what it wrote before). A block device is opened as it is:
+    /// never created nor truncated, and refused when smaller than `size`.
     ///
     /// # Errors
-    /// I/O.
+    /// I/O, [`SlotError::TooSmall`].
     pub fn open_for_write(&self, slot: SlotName, size: u64) -> Result<File, SlotError> {
         let path = self.image_path(slot);
         let io = |source| SlotError::Io { slot, path: path.clone(), source };
+        if let Self::Block { .. } = self {
+            let mut f = OpenOptions::new().read(true).write(true).open(&path).map_err(io)?;
+            let device = device_size(&mut f).map_err(io)?;
+            if size > device {
+                return Err(SlotError::TooSmall { slot, path, device, image: size });
+            }
+            return Ok(f);
+        }
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(io)?;
         }
@@ -206,6 +244,7 @@ impl Slots {
         let path = self.image_path(slot);
         let io = |source| SlotError::Io { slot, path: path.clone(), source };
         let f = File::open(&path).map_err(io)?;
+        drop_cached(&f, 0, size);
         let mut reader = f.take(size);
         let mut sha = sha2::Sha256::new();
         let mut buf = vec![0u8; READ_BUF];
@@ -259,6 +298,29 @@ impl Slots {
         fs::rename(&staging, &dest).map_err(io(&dest))?;
         fsync_dir(root).map_err(io(root))?;
         Ok(())
+    }
+}
+
+/// The size of an open file or block device: where its end is (`lseek(SEEK_END)`; a block
+/// device's length is not in its metadata). The position is put back to the start.
+///
+/// # Errors
+/// I/O.
+pub fn device_size(f: &mut File) -> io::Result<u64> {
+    use std::io::{Seek as _, SeekFrom};
+    let end = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(end)
+}
+
+/// Drops the page cache of `len` bytes at `offset` of `f` (`POSIX_FADV_DONTNEED`), so the next
+/// read comes from the media. Only clean pages are dropped: call it after `fdatasync`. It is
+/// advice: where the kernel ignores it (tmpfs keeps everything in memory anyway) nothing
+/// breaks, and a failure is logged, not fatal.
+pub fn drop_cached(f: &File, offset: u64, len: u64) {
+    let Some(len) = std::num::NonZeroU64::new(len) else { return };
+    if let Err(e) = rustix::fs::fadvise(f, offset, Some(len), rustix::fs::Advice::DontNeed) {
+        tracing::debug!(error = %e, "posix_fadvise(DONTNEED) failed; the read-back may come from the page cache");
     }
 }
 

@@ -3,6 +3,7 @@
 //! slots.
 
 mod bad_input;
+mod block;
 mod delta;
 mod e2e;
 mod power_cut;
