@@ -804,6 +804,7 @@ impl Agent {
                 p.serve(&self.slots, j.active, k);
             }
             p.serve(&self.slots, slot, &index);
+            p.track(&index).await;
         }
         let plan = WritePlan {
             slots: &self.slots,

@@ -119,6 +119,11 @@ pub struct SlotChunks {
     slots: Mutex<Vec<(PathBuf, Arc<Placements>)>>,
     /// The encoded indexes of the releases served, so peers (offline sites) can get them.
     indexes: Mutex<HashMap<IndexId, Arc<Vec<u8>>>>,
+    /// Releases whose every chunk is held (the installed one).
+    complete: Mutex<std::collections::HashSet<IndexId>>,
+    /// Chunks fetched for the install in progress (advertised in have-maps; a chunk reused
+    /// from the active slot is not, which only means peers ask someone else for it).
+    held: Mutex<std::collections::HashSet<ChunkId>>,
 }
 
 /// Where each chunk of a slot's image is: id → (offset, length).
@@ -143,9 +148,25 @@ impl SlotChunks {
     }
 }
 
+impl SlotChunks {
+    fn mark_held(&self, id: &ChunkId) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(*id);
+    }
+}
+
 impl ChunkProvider for SlotChunks {
     fn index(&self, id: &IndexId) -> Option<Vec<u8>> {
         self.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|b| b.to_vec())
+    }
+
+    fn have_map(&self, id: &IndexId) -> Option<Vec<u8>> {
+        let bytes = self.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()?;
+        let index = ChunkIndex::decode(&bytes).ok()?;
+        if self.complete.lock().unwrap_or_else(|e| e.into_inner()).contains(id) {
+            return Some(flotilla_mesh::store::have_map_of(&index, |_| true));
+        }
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        Some(flotilla_mesh::store::have_map_of(&index, |c| held.contains(c)))
     }
 
     fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
@@ -267,6 +288,7 @@ impl MeshSlot {
     pub async fn serve_installed(&self, slots: &Slots, active: SlotName, index: Option<&ChunkIndex>) {
         if let (Some((_, provider)), Some(index)) = (self.node().await, index) {
             provider.serve(slots.image_path(active), index);
+            provider.complete.lock().unwrap_or_else(|e| e.into_inner()).insert(index.id());
         }
     }
 
@@ -380,7 +402,16 @@ impl PeerFirst {
         flotilla_mesh::fetcher_for(id, &agents) == Some(me)
     }
 
+    /// Tells the mesh which release this install fetches: peers' have-maps then steer each
+    /// request (see [`Mesh::track`]).
+    pub(crate) async fn track(&self, index: &ChunkIndex) {
+        if let Err(e) = self.mesh.track(Some(index)).await {
+            tracing::debug!(error = %e, "mesh stopped; not tracking the release");
+        }
+    }
+
     fn record(&self, id: &ChunkId, source: &'static str) {
+        self.provider.mark_held(id);
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, source);
     }
 

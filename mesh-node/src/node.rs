@@ -36,7 +36,12 @@ pub const MAX_IN_FLIGHT_PER_PEER: usize = 3;
 pub const RELEASES_TOPIC: &str = "flotilla/releases/1";
 /// Largest announcement: a manifest envelope is a few KiB; gossipsub's own default is 64 KiB.
 pub const MAX_ANNOUNCEMENT_LEN: usize = 128 << 10;
-/// How often bans are lifted and bootstrap peers redialled.
+/// End-game: with this many chunks of the tracked release left, a request not answered
+/// within [`ENDGAME_DELAY`] is sent to a second peer too, and the first good answer wins.
+pub const ENDGAME_CHUNKS: usize = 8;
+/// How long an end-game request waits before it is duplicated.
+const ENDGAME_DELAY: Duration = Duration::from_millis(300);
+/// How often bans are lifted, bootstrap peers redialled and have-maps refreshed.
 const TICK: Duration = Duration::from_secs(1);
 /// Throughput assumed for a peer not measured yet (bytes/s): optimistic, so new peers get tried.
 const UNMEASURED_BPS: f64 = 64e6;
@@ -195,6 +200,8 @@ pub struct PeerInfo {
     pub id: PeerId,
     /// Its role, once identify told us.
     pub role: Option<Role>,
+    /// Whether its have-map of the tracked release ([`Mesh::track`]) arrived.
+    pub have_map: bool,
 }
 
 /// A chunk a peer delivered and that verified.
@@ -215,6 +222,7 @@ enum Command {
     ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
     Announce { envelope: Vec<u8>, offer: bool, reply: oneshot::Sender<Result<(), MeshError>> },
     Release { req: ReleaseRequest, peer: PeerId, reply: actor::ReleaseReply },
+    Track { release: Option<actor::Tracked> },
 }
 
 /// What one peer answered.
@@ -232,6 +240,9 @@ pub struct Mesh {
     counters: Arc<Counters>,
     announcements: broadcast::Sender<VerifiedManifest>,
     offers: broadcast::Sender<VerifiedOffer>,
+    /// Distinct chunks of the tracked release not fetched from peers yet (end-game below
+    /// [`ENDGAME_CHUNKS`]); `usize::MAX` when no release is tracked.
+    remaining: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Command {
@@ -243,6 +254,7 @@ impl std::fmt::Debug for Command {
             Self::ListenAddrs { .. } => "ListenAddrs",
             Self::Announce { .. } => "Announce",
             Self::Release { .. } => "Release",
+            Self::Track { .. } => "Track",
         })
     }
 }
@@ -310,7 +322,8 @@ impl Mesh {
             offers_topic,
             listen_addrs: addrs,
         });
-        Ok(Self { tx, local, counters, announcements, offers })
+        let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+        Ok(Self { tx, local, counters, announcements, offers, remaining })
     }
 
     /// This node's peer id.
@@ -354,9 +367,51 @@ impl Mesh {
         }
     }
 
+    /// Tracks the release of `index` (an install begins): its peers' have-maps are pulled
+    /// when they connect and every second, peers whose map lacks a chunk are not asked for
+    /// it, known holders are preferred, queued requests go out rarest first, and the last
+    /// [`ENDGAME_CHUNKS`] chunks get end-game duplicates. `None` stops tracking.
+    ///
+    /// # Errors
+    /// [`MeshError::Stopped`].
+    pub async fn track(&self, index: Option<&flotilla_core::index::ChunkIndex>) -> Result<(), MeshError> {
+        let release = index.map(actor::Tracked::new);
+        self.remaining.store(release.as_ref().map_or(usize::MAX, |t| t.entries.len()), Ordering::Relaxed);
+        self.send(Command::Track { release }).await
+    }
+
+    /// Asks one peer (chosen by the actor) for `req`; in the end-game a second peer too when
+    /// the first is slow, and the first object (else the last answer) is returned.
+    async fn ask(&self, req: ChunkRequest, exclude: &HashSet<PeerId>) -> Result<Option<(PeerId, Answer)>, MeshError> {
+        let (reply, mut rx) = oneshot::channel();
+        self.send(Command::Request { req, exclude: exclude.clone(), reply }).await?;
+        if self.remaining.load(Ordering::Relaxed) > ENDGAME_CHUNKS {
+            return rx.await.map_err(|_| MeshError::Stopped);
+        }
+        tokio::select! {
+            r = &mut rx => return r.map_err(|_| MeshError::Stopped),
+            _ = tokio::time::sleep(ENDGAME_DELAY) => {}
+        }
+        let (reply, mut rx2) = oneshot::channel();
+        self.send(Command::Request { req, exclude: exclude.clone(), reply }).await?;
+        let (first, first_is_one) = tokio::select! {
+            r = &mut rx => (r, true),
+            r = &mut rx2 => (r, false),
+        };
+        let first = first.map_err(|_| MeshError::Stopped)?;
+        if matches!(&first, Some((_, Answer::Response(ChunkResponse::Object(_))))) {
+            return Ok(first);
+        }
+        let other = if first_is_one { rx2.await } else { rx.await };
+        match other.map_err(|_| MeshError::Stopped)? {
+            None => Ok(first),
+            some => Ok(some),
+        }
+    }
+
     /// Fetches chunk `id` (`len` bytes) from peers: the fastest free peer first, the next
     /// one when a peer lacks it, is busy or fails. A peer whose object does not verify is
-    /// banned and the next one asked.
+    /// banned and the next one asked. See [`Mesh::track`] for the use of have-maps.
     ///
     /// # Errors
     /// [`MeshError::NotFound`] when every connected peer was asked; [`MeshError::Stopped`].
@@ -364,9 +419,7 @@ impl Mesh {
         let req = ChunkRequest { id, len };
         let mut exclude = HashSet::new();
         loop {
-            let (reply, rx) = oneshot::channel();
-            self.send(Command::Request { req, exclude: exclude.clone(), reply }).await?;
-            let Some((peer, answer)) = rx.await.map_err(|_| MeshError::Stopped)? else {
+            let Some((peer, answer)) = self.ask(req, &exclude).await? else {
                 return Err(MeshError::NotFound { id, asked: exclude.len() });
             };
             exclude.insert(peer);
@@ -390,6 +443,9 @@ impl Mesh {
                 Ok(data) => {
                     self.counters.fetched_chunks.fetch_add(1, Ordering::Relaxed);
                     self.counters.fetched_bytes.fetch_add(obj.len() as u64, Ordering::Relaxed);
+                    let _ = self.remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                        (r != usize::MAX).then(|| r.saturating_sub(1))
+                    });
                     return Ok(Fetched { object: obj, data, peer });
                 }
                 Err(e) => {
@@ -646,6 +702,76 @@ mod tests {
         assert!(matches!(client.fetch_index(id, 8).await, Err(MeshError::IndexNotFound { asked: 1, .. })));
         let e = client.fetch_index(IndexId::of(b"unknown"), 1 << 20).await.unwrap_err();
         assert!(matches!(e, MeshError::IndexNotFound { asked: 1, .. }), "{e}");
+    }
+
+    /// Holds some chunks of one release and counts requests for chunks it lacks.
+    struct Partial {
+        chunks: HashMap<ChunkId, Vec<u8>>,
+        index: flotilla_core::index::ChunkIndex,
+        misses: AtomicU64,
+    }
+
+    impl ChunkProvider for Partial {
+        fn object(&self, id: &ChunkId, _: u32) -> Option<Vec<u8>> {
+            let found = self.chunks.get(id).cloned();
+            if found.is_none() {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+            }
+            found
+        }
+
+        fn have_map(&self, id: &IndexId) -> Option<Vec<u8>> {
+            (*id == self.index.id()).then(|| crate::store::have_map_of(&self.index, |c| self.chunks.contains_key(c)))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_holding_half_a_release_is_asked_only_for_its_half() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let data: Vec<u8> = (0..600_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 29) as u8
+            })
+            .collect();
+        let index = flotilla_core::chunking::Chunker::new(flotilla_core::chunking::ChunkParams::BUNDLE)
+            .chunk_reader(&data[..])
+            .unwrap()
+            .index;
+        let mut all = HashMap::new();
+        let mut half = HashMap::new();
+        for (i, (offset, e)) in index.iter_with_offsets().enumerate() {
+            let obj = object::encode(&data[offset as usize..][..e.len as usize], 1);
+            if i % 2 == 0 {
+                half.insert(e.id, obj.clone());
+            }
+            all.insert(e.id, obj);
+        }
+        assert!(index.len() >= 12, "{} chunks", index.len());
+        let full = Arc::new(Partial { chunks: all, index: index.clone(), misses: AtomicU64::new(0) });
+        let halfp = Arc::new(Partial { chunks: half, index: index.clone(), misses: AtomicU64::new(0) });
+        let a = Mesh::start(loopback(Role::Agent), full.clone()).await.unwrap();
+        let b = Mesh::start(loopback(Role::Agent), halfp.clone()).await.unwrap();
+        let mut config = loopback(Role::Agent);
+        config.bootstrap = vec![a.listen_addrs().await.unwrap()[0].clone(), b.listen_addrs().await.unwrap()[0].clone()];
+        let client = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+        client.wait_for_peers(2, Duration::from_secs(10)).await.unwrap();
+        client.track(Some(&index)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.peers().await.unwrap().iter().filter(|p| p.have_map).count() < 2 {
+            assert!(Instant::now() < deadline, "have-maps did not arrive");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Every chunk at once: the full peer's in-flight limit sends the rest to the other.
+        let fetches = index.entries().iter().map(|e| client.fetch(e.id, e.len));
+        for (got, e) in futures::future::join_all(fetches).await.into_iter().zip(index.entries()) {
+            assert_eq!(ChunkId::of(&got.unwrap().data), e.id);
+        }
+        assert_eq!(halfp.misses.load(Ordering::Relaxed), 0, "the half peer was asked for a chunk it lacks");
+        assert!(b.stats().await.unwrap().served_chunks > 0, "the half peer was not used at all");
+        assert_eq!(full.misses.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

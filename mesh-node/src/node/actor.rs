@@ -57,6 +57,7 @@ pub(super) fn spawn(p: Parts) {
         offers_topic: p.offers_topic,
         listen_addrs: p.listen_addrs,
         release_pending: HashMap::new(),
+        tracked: None,
         peers: HashMap::new(),
         banned: HashMap::new(),
         pending: HashMap::new(),
@@ -169,6 +170,7 @@ impl PeerState {
 
 struct Pending {
     peer: PeerId,
+    chunk: flotilla_core::ids::ChunkId,
     started: Instant,
     len: u32,
     reply: oneshot::Sender<Option<(PeerId, Answer)>>,
@@ -191,7 +193,9 @@ struct MeshActor {
     offers: broadcast::Sender<VerifiedOffer>,
     offers_topic: gossipsub::IdentTopic,
     listen_addrs: Vec<Multiaddr>,
-    release_pending: HashMap<OutboundRequestId, ReleaseReply>,
+    release_pending: HashMap<OutboundRequestId, ReleaseWait>,
+    /// The release this node is fetching, with its peers' have-maps.
+    tracked: Option<Tracked>,
     peers: HashMap<PeerId, PeerState>,
     banned: HashMap<PeerId, Instant>,
     pending: HashMap<OutboundRequestId, Pending>,
@@ -209,6 +213,41 @@ struct MeshActor {
 type Served = (PeerId, ResponseChannel<ChunkResponse>, ChunkResponse);
 /// Where the answer to a release request goes: the peer asked and its answer (`None`: failed).
 pub(super) type ReleaseReply = oneshot::Sender<(PeerId, Option<ReleaseResponse>)>;
+
+/// Who waits for a release answer: a caller, or the actor's own have-map refresh.
+enum ReleaseWait {
+    Caller(ReleaseReply),
+    HaveMap(flotilla_core::ids::IndexId),
+}
+
+/// The release being fetched: where each chunk sits in its index, and which peer holds what.
+pub(super) struct Tracked {
+    pub(super) index: flotilla_core::ids::IndexId,
+    /// Chunk → its first entry in the index (the bit that says a peer holds it).
+    pub(super) entries: HashMap<flotilla_core::ids::ChunkId, usize>,
+    /// Bytes of a have-map over the index.
+    pub(super) map_len: u32,
+    haves: HashMap<PeerId, Vec<u8>>,
+}
+
+impl Tracked {
+    /// Builds the tracking state of `index`.
+    pub(super) fn new(index: &flotilla_core::index::ChunkIndex) -> Self {
+        let mut entries = HashMap::new();
+        for (i, e) in index.entries().iter().enumerate() {
+            entries.entry(e.id).or_insert(i);
+        }
+        let map_len = u32::try_from(index.len().div_ceil(8).max(1)).unwrap_or(u32::MAX);
+        Self { index: index.id(), entries, map_len, haves: HashMap::new() }
+    }
+
+    /// Whether `peer` holds `chunk` by its last have-map; `None` when unknown.
+    fn holds(&self, peer: &PeerId, chunk: &flotilla_core::ids::ChunkId) -> Option<bool> {
+        let pos = *self.entries.get(chunk)?;
+        let bits = self.haves.get(peer)?;
+        Some(bits.get(pos / 8).is_some_and(|b| b >> (pos % 8) & 1 == 1))
+    }
+}
 
 impl MeshActor {
     async fn run(&mut self) {
@@ -267,6 +306,20 @@ impl MeshActor {
         for addr in self.config.bootstrap.clone() {
             self.dial(addr);
         }
+        self.refresh_haves();
+    }
+
+    /// Asks every connected peer for its have-map of the tracked release (one request per
+    /// peer at a time).
+    fn refresh_haves(&mut self) {
+        let Some(t) = &self.tracked else { return };
+        let (index, max_len) = (t.index, t.map_len);
+        let peers: Vec<PeerId> = self.peers.keys().filter(|p| !self.banned.contains_key(p)).copied().collect();
+        for peer in peers {
+            let req = ReleaseRequest { ask: ReleaseAsk::HaveMap, index, max_len };
+            let id = self.swarm.behaviour_mut().release.send_request(&peer, req);
+            self.release_pending.insert(id, ReleaseWait::HaveMap(index));
+        }
     }
 
     fn command(&mut self, cmd: Command) {
@@ -278,7 +331,11 @@ impl MeshActor {
                     .peers
                     .iter()
                     .filter(|(p, _)| !self.banned.contains_key(p))
-                    .map(|(p, s)| PeerInfo { id: *p, role: s.role })
+                    .map(|(p, s)| PeerInfo {
+                        id: *p,
+                        role: s.role,
+                        have_map: self.tracked.as_ref().is_some_and(|t| t.haves.contains_key(p)),
+                    })
                     .collect();
                 let _ = reply.send(list);
             }
@@ -296,13 +353,17 @@ impl MeshActor {
                     .map_err(|e| MeshError::Announce(e.to_string()));
                 let _ = reply.send(r);
             }
+            Command::Track { release } => {
+                self.tracked = release;
+                self.refresh_haves();
+            }
             Command::Release { req, peer, reply } => {
                 if self.banned.contains_key(&peer) || !self.peers.contains_key(&peer) {
                     let _ = reply.send((peer, None));
                     return;
                 }
                 let id = self.swarm.behaviour_mut().release.send_request(&peer, req);
-                self.release_pending.insert(id, reply);
+                self.release_pending.insert(id, ReleaseWait::Caller(reply));
             }
         }
     }
@@ -319,16 +380,33 @@ impl MeshActor {
     /// Sends `q` to the best free peer, queues it while every candidate is at its limit, or
     /// answers `None` when there is no candidate at all.
     fn request(&mut self, q: Queued) {
-        let candidates: Vec<(&PeerId, &PeerState)> =
-            self.peers.iter().filter(|(p, _)| !q.exclude.contains(p) && !self.banned.contains_key(p)).collect();
+        // A duplicate (end-game) goes to a peer not already asked for the same chunk.
+        let asked: HashSet<PeerId> = self.pending.values().filter(|p| p.chunk == q.req.id).map(|p| p.peer).collect();
+        let all: Vec<(&PeerId, &PeerState)> = self
+            .peers
+            .iter()
+            .filter(|(p, _)| !q.exclude.contains(p) && !self.banned.contains_key(p) && !asked.contains(p))
+            .collect();
+        let holds = |p: &PeerId| self.tracked.as_ref().and_then(|t| t.holds(p, &q.req.id));
+        // Peers whose have-map lacks the chunk are not asked, unless nobody else is left
+        // (their maps may be a moment old).
+        let mut candidates: Vec<(&PeerId, &PeerState)> =
+            all.iter().filter(|(p, _)| holds(p) != Some(false)).copied().collect();
+        if candidates.is_empty() {
+            candidates = all;
+        }
         if candidates.is_empty() {
             let _ = q.reply.send(None);
             return;
         }
+        // Known holders first, then the fastest.
         let best = candidates
             .iter()
             .filter(|(_, s)| s.in_flight < MAX_IN_FLIGHT_PER_PEER)
-            .max_by(|a, b| a.1.score().total_cmp(&b.1.score()))
+            .max_by(|a, b| {
+                let score = |(p, s): &(&PeerId, &PeerState)| s.score() * if holds(p) == Some(true) { 2.0 } else { 1.0 };
+                score(a).total_cmp(&score(b))
+            })
             .map(|(p, _)| **p);
         let Some(peer) = best else {
             self.queue.push_back(q);
@@ -338,12 +416,18 @@ impl MeshActor {
             s.in_flight += 1;
         }
         let id = self.swarm.behaviour_mut().chunks.send_request(&peer, q.req);
-        self.pending.insert(id, Pending { peer, started: Instant::now(), len: q.req.len, reply: q.reply });
+        self.pending
+            .insert(id, Pending { peer, chunk: q.req.id, started: Instant::now(), len: q.req.len, reply: q.reply });
     }
 
     /// Retries queued requests after a peer freed a slot or left.
     fn drain_queue(&mut self) {
-        for q in std::mem::take(&mut self.queue) {
+        let mut queued: Vec<Queued> = std::mem::take(&mut self.queue).into();
+        // Rarest first: the chunks the fewest peers are known to hold get the free slots.
+        if let Some(t) = &self.tracked {
+            queued.sort_by_cached_key(|q| self.peers.keys().filter(|p| t.holds(p, &q.req.id) == Some(true)).count());
+        }
+        for q in queued {
             if !q.reply.is_closed() {
                 self.request(q);
             }
@@ -406,8 +490,16 @@ impl MeshActor {
                     misses: 0,
                 });
                 self.drain_queue();
+                if let Some(t) = &self.tracked {
+                    let req = ReleaseRequest { ask: ReleaseAsk::HaveMap, index: t.index, max_len: t.map_len };
+                    let id = self.swarm.behaviour_mut().release.send_request(&peer_id, req);
+                    self.release_pending.insert(id, ReleaseWait::HaveMap(t.index));
+                }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                if let Some(t) = self.tracked.as_mut() {
+                    t.haves.remove(&peer_id);
+                }
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.peers.remove(&peer_id);
                 // Requests pending with it fail through OutboundFailure; queued ones may now
@@ -492,14 +584,27 @@ impl MeshActor {
                 let _ = self.swarm.behaviour_mut().release.send_response(channel, response);
             }
             Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
-                if let Some(reply) = self.release_pending.remove(&request_id) {
-                    let answer = (!self.banned.contains_key(&peer)).then_some(response);
-                    let _ = reply.send((peer, answer));
+                match self.release_pending.remove(&request_id) {
+                    Some(ReleaseWait::Caller(reply)) => {
+                        let answer = (!self.banned.contains_key(&peer)).then_some(response);
+                        let _ = reply.send((peer, answer));
+                    }
+                    Some(ReleaseWait::HaveMap(index)) => {
+                        if let (Some(t), ReleaseResponse::Found(bits)) = (self.tracked.as_mut(), response)
+                            && t.index == index
+                            && bits.len() == t.map_len as usize
+                        {
+                            t.haves.insert(peer, bits);
+                            // Requests waiting for a holder may have one now.
+                            self.drain_queue();
+                        }
+                    }
+                    None => {}
                 }
             }
             Event::OutboundFailure { peer, request_id, error, .. } => {
                 tracing::debug!(%peer, %error, "release request failed");
-                if let Some(reply) = self.release_pending.remove(&request_id) {
+                if let Some(ReleaseWait::Caller(reply)) = self.release_pending.remove(&request_id) {
                     let _ = reply.send((peer, None));
                 }
             }

@@ -28,7 +28,10 @@ pub(crate) struct Net {
 
 impl Net {
     pub(crate) fn new() -> Self {
-        let n = std::process::id() % 250;
+        // Tests of one process run in parallel: each site gets its own names and subnet.
+        static SITES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = SITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = (std::process::id() + 83 * k) % 250;
         let net = Self { tag: format!("fl{n}"), subnet: format!("10.213.{n}"), hosts: Vec::new() };
         // Leftovers of a run that was killed before it could clean up.
         for k in 0..=255 {

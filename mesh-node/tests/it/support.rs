@@ -23,8 +23,11 @@ static BUILD: Once = Once::new();
 /// agent must be the one with this tree's mesh code, never a stale build.
 pub(crate) fn workspace_bin(name: &str) -> PathBuf {
     BUILD.call_once(|| {
+        // A benchmark runs from the release directory: its processes are release builds too.
+        let release = mesh_bin().parent().is_some_and(|d| d.ends_with("release"));
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["build", "-p", "flotilla-coordinator", "-p", "flotilla-publisher", "-p", "flotilla-agent"])
+            .args(release.then_some("--release"))
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()
             .expect("run cargo build");
