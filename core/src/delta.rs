@@ -9,11 +9,11 @@
 //! offset size field (little-endian)
 //!      0    8 magic "FLOTDLT\0"
 //!      8    2 format version (1)
-//!     10    2 reserved (0)
+//!     10    2 flags (bit 0: the table is a u64 decoded length + a zstd frame)
 //!     12    4 region count
 //!     16    8 old image size
 //!     24    8 new image size
-//!     32    8 region table length in bytes
+//!     32    8 region table length in bytes (as stored)
 //!     40    8 window: the largest reference or patched region in this patch
 //!     48    … region table, per region:
 //!               u8 op (0 copy, 1 zstd, 2 bsdiff), u8 reserved, u16 extent count,
@@ -64,6 +64,9 @@ pub const MAX_EXTENTS: usize = 1024;
 /// Default [`DeltaLimits::max_window`]: 8 MiB keeps two windows and the rest of the agent
 /// under its 32 MiB bound.
 pub const DEFAULT_MAX_WINDOW: u64 = 8 << 20;
+
+/// Header flag: the region table is stored as a u64 decoded length and a zstd frame.
+pub const FLAG_TABLE_ZSTD: u16 = 1;
 
 /// Bytes moved per read or write while copying and decoding.
 const IO_BUF_LEN: usize = 64 << 10;
@@ -352,36 +355,50 @@ impl PatchHeader {
         if table_len > limits.max_table_len {
             return Err(DeltaError::TableTooLarge { declared: table_len, limit: limits.max_table_len });
         }
-        if u64::from(count) * REGION_RECORD_LEN as u64 > table_len {
+        let flags = u16::from_le_bytes([fixed[10], fixed[11]]);
+        if flags & !FLAG_TABLE_ZSTD != 0 {
+            return Err(DeltaError::Malformed { reason: "unknown header flags" });
+        }
+        if flags & FLAG_TABLE_ZSTD == 0 && u64::from(count) * REGION_RECORD_LEN as u64 > table_len {
             return Err(DeltaError::Malformed { reason: "region count does not fit the table length" });
         }
-        let table_len = usize::try_from(table_len).map_err(|_| DeltaError::Malformed { reason: "table length" })?;
-        let mut table = vec![0u8; table_len];
-        read_full(patch, &mut table, "the region table")?;
-        let regions = parse_table(&table, count, old_size, new_size, window)?;
+        let stored_len = usize::try_from(table_len).map_err(|_| DeltaError::Malformed { reason: "table length" })?;
+        let mut stored = vec![0u8; stored_len];
+        read_full(patch, &mut stored, "the region table")?;
+        let table = if flags & FLAG_TABLE_ZSTD != 0 {
+            // u64 decoded length, then one zstd frame; the decoded length is bounded too.
+            let raw_len = stored
+                .get(..8)
+                .map(|b| u64::from_le_bytes(word(b)))
+                .ok_or(DeltaError::Malformed { reason: "compressed region table without its length" })?;
+            if raw_len > limits.max_table_len {
+                return Err(DeltaError::TableTooLarge { declared: raw_len, limit: limits.max_table_len });
+            }
+            let raw_len = usize::try_from(raw_len).map_err(|_| DeltaError::Malformed { reason: "table length" })?;
+            let raw = zstd::bulk::decompress(&stored[8..], raw_len)
+                .map_err(|_| DeltaError::Malformed { reason: "compressed region table does not decode" })?;
+            if raw.len() != raw_len {
+                return Err(DeltaError::Malformed { reason: "compressed region table has the wrong length" });
+            }
+            raw
+        } else {
+            stored
+        };
+        if u64::from(count) * REGION_RECORD_LEN as u64 > table.len() as u64 {
+            return Err(DeltaError::Malformed { reason: "region count does not fit the table length" });
+        }
+        let payloads_start = HEADER_LEN as u64 + table_len;
+        let regions = parse_table(&table, count, old_size, new_size, window, payloads_start)?;
         Ok(Self { old_size, new_size, window, regions })
     }
 
     /// Encoded length of the header and table.
     pub fn encoded_len(&self) -> u64 {
-        HEADER_LEN as u64 + self.table_len()
+        self.encode().len() as u64
     }
 
-    fn table_len(&self) -> u64 {
-        self.regions.iter().map(|r| (REGION_RECORD_LEN + EXTENT_RECORD_LEN * r.extents.len()) as u64).sum()
-    }
-
-    /// Encodes the header and table (the payloads follow them).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(usize::try_from(self.encoded_len()).unwrap_or(0));
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&u32::try_from(self.regions.len()).unwrap_or(u32::MAX).to_le_bytes());
-        out.extend_from_slice(&self.old_size.to_le_bytes());
-        out.extend_from_slice(&self.new_size.to_le_bytes());
-        out.extend_from_slice(&self.table_len().to_le_bytes());
-        out.extend_from_slice(&self.window.to_le_bytes());
+    fn raw_table(&self) -> Vec<u8> {
+        let mut out = Vec::new();
         for region in &self.regions {
             out.push(region.op.code());
             out.push(0);
@@ -393,6 +410,31 @@ impl PatchHeader {
                 out.extend_from_slice(&extent.len.to_le_bytes());
             }
         }
+        out
+    }
+
+    /// Encodes the header and table (the payloads follow them). The table is stored zstd
+    /// compressed when that is smaller (large images have thousands of regions).
+    pub fn encode(&self) -> Vec<u8> {
+        let raw = self.raw_table();
+        let (flags, table) = match zstd::bulk::compress(&raw, 19) {
+            Ok(z) if z.len() + 8 < raw.len() => {
+                let mut t = (raw.len() as u64).to_le_bytes().to_vec();
+                t.extend_from_slice(&z);
+                (FLAG_TABLE_ZSTD, t)
+            }
+            _ => (0u16, raw),
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + table.len());
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(self.regions.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&self.old_size.to_le_bytes());
+        out.extend_from_slice(&self.new_size.to_le_bytes());
+        out.extend_from_slice(&(table.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.window.to_le_bytes());
+        out.extend_from_slice(&table);
         out
     }
 
@@ -414,12 +456,19 @@ fn word<const N: usize>(bytes: &[u8]) -> [u8; N] {
     out
 }
 
-fn parse_table(table: &[u8], count: u32, old_size: u64, new_size: u64, window: u64) -> Result<Vec<Region>, DeltaError> {
+fn parse_table(
+    table: &[u8],
+    count: u32,
+    old_size: u64,
+    new_size: u64,
+    window: u64,
+    payloads_start: u64,
+) -> Result<Vec<Region>, DeltaError> {
     let malformed = |reason| DeltaError::Malformed { reason };
     let mut regions = Vec::with_capacity(count as usize);
     let mut pos = 0usize;
     let mut new_offset = 0u64;
-    let mut payload_offset = HEADER_LEN as u64 + table.len() as u64;
+    let mut payload_offset = payloads_start;
     for _ in 0..count {
         let record = table.get(pos..pos + REGION_RECORD_LEN).ok_or(malformed("region table ends inside a region"))?;
         pos += REGION_RECORD_LEN;
@@ -765,6 +814,36 @@ mod tests {
         patch.push(0);
         let err = apply(&mut patch.as_slice(), &old, &mut Vec::new(), &DeltaLimits::default());
         assert!(matches!(err, Err(DeltaError::CorruptRegion { .. } | DeltaError::TrailingBytes)), "{err:?}");
+    }
+
+    #[test]
+    fn large_tables_are_stored_compressed_and_read_back() {
+        let regions: Vec<Region> = (0..200u64)
+            .map(|i| Region {
+                op: RegionOp::Copy,
+                new_offset: i * 4096,
+                new_len: 4096,
+                extents: vec![Extent { offset: (199 - i) * 4096, len: 4096 }],
+                payload_offset: 0,
+                payload_len: 0,
+            })
+            .collect();
+        let header = PatchHeader { old_size: 200 * 4096, new_size: 200 * 4096, window: 0, regions };
+        let bytes = header.encode();
+        assert_eq!(u16::from_le_bytes([bytes[10], bytes[11]]), FLAG_TABLE_ZSTD);
+        assert!(bytes.len() < HEADER_LEN + 200 * (REGION_RECORD_LEN + EXTENT_RECORD_LEN) / 2, "{} bytes", bytes.len());
+        let read = PatchHeader::read(&mut bytes.as_slice(), &DeltaLimits::default()).unwrap();
+        assert_eq!(read.regions.len(), 200);
+        assert_eq!(read.regions[7].extents, header.regions[7].extents);
+        let old: Vec<u8> = (0..200 * 4096u32).map(|i| (i / 4096) as u8).collect();
+        let mut out = Vec::new();
+        apply(&mut bytes.as_slice(), &old, &mut out, &DeltaLimits::default()).unwrap();
+        assert_eq!(out[0], 199);
+        // A compressed table claiming a decoded length above the limit is refused first.
+        let mut huge = bytes.clone();
+        huge[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let err = PatchHeader::read(&mut huge.as_slice(), &DeltaLimits::default());
+        assert!(matches!(err, Err(DeltaError::TableTooLarge { .. })), "{err:?}");
     }
 
     #[test]

@@ -338,6 +338,9 @@ fn anchors(data: &[u8], mut f: impl FnMut(usize, u64)) {
     }
 }
 
+/// Copies at most this long between two changed spans are folded into one patched region.
+const FOLD_COPY: u64 = 256 << 10;
+
 /// Bytes read at a time while scanning the old image for anchors.
 const SCAN_BLOCK: usize = 4 << 20;
 
@@ -385,7 +388,7 @@ fn plan_regions(
     }
     // Walk the new chunks: runs of known chunks become copies, the rest changed spans.
     enum Span {
-        Copy(Vec<Extent>),
+        Copy { offset: u64, extents: Vec<Extent>, chunks: Vec<u64> },
         Changed { offset: u64, chunks: Vec<u64> },
     }
     let mut spans: Vec<Span> = Vec::new();
@@ -394,9 +397,10 @@ fn plan_regions(
         match by_id.get(&entry.id) {
             Some(&i) => {
                 let old_offset = old_chunks[i].0;
-                if let Some(Span::Copy(extents)) = spans.last_mut()
+                if let Some(Span::Copy { extents, chunks, .. }) = spans.last_mut()
                     && extents.len() < MAX_EXTENTS
                 {
+                    chunks.push(len);
                     if let Some(last) = extents.last_mut()
                         && last.offset + last.len == old_offset
                     {
@@ -406,7 +410,7 @@ fn plan_regions(
                     }
                     continue;
                 }
-                spans.push(Span::Copy(vec![Extent { offset: old_offset, len }]));
+                spans.push(Span::Copy { offset, extents: vec![Extent { offset: old_offset, len }], chunks: vec![len] });
             }
             None => match spans.last_mut() {
                 Some(Span::Changed { chunks, .. }) => chunks.push(len),
@@ -414,6 +418,27 @@ fn plan_regions(
             },
         }
     }
+    // A short copy between two changed spans costs more as its own region (a record, and two
+    // frames instead of one) than as a long match inside one patched region: fold it in.
+    let mut folded: Vec<Span> = Vec::with_capacity(spans.len());
+    let mut iter = spans.into_iter().peekable();
+    while let Some(span) = iter.next() {
+        let span = match span {
+            Span::Copy { offset, chunks, .. }
+                if chunks.iter().sum::<u64>() <= FOLD_COPY
+                    && matches!(folded.last(), Some(Span::Changed { .. }))
+                    && matches!(iter.peek(), Some(Span::Changed { .. })) =>
+            {
+                Span::Changed { offset, chunks }
+            }
+            other => other,
+        };
+        match (folded.last_mut(), span) {
+            (Some(Span::Changed { chunks: into, .. }), Span::Changed { chunks, .. }) => into.extend(chunks),
+            (_, span) => folded.push(span),
+        }
+    }
+    let spans = folded;
     let anchors_old = if spans.iter().any(|s| matches!(s, Span::Changed { .. })) {
         old_anchor_table(old, old_index)?
     } else {
@@ -423,7 +448,7 @@ fn plan_regions(
     let mut buf = Vec::new();
     for (si, span) in spans.iter().enumerate() {
         let (span_offset, chunks) = match span {
-            Span::Copy(extents) => {
+            Span::Copy { extents, .. } => {
                 plan.push(Planned::Copy(extents.clone()));
                 continue;
             }
@@ -431,11 +456,11 @@ fn plan_regions(
         };
         // Where the neighbouring copies sit in the old image bounds the "same place" guess.
         let before = match si.checked_sub(1).map(|i| &spans[i]) {
-            Some(Span::Copy(extents)) => extents.last().map(|e| e.offset + e.len),
+            Some(Span::Copy { extents, .. }) => extents.last().map(|e| e.offset + e.len),
             _ => None,
         };
         let after = match spans.get(si + 1) {
-            Some(Span::Copy(extents)) => extents.first().map(|e| e.offset),
+            Some(Span::Copy { extents, .. }) => extents.first().map(|e| e.offset),
             _ => None,
         };
         let span_len: u64 = chunks.iter().sum();
