@@ -213,6 +213,10 @@ pub struct Config {
     pub guardrail: Guardrail,
     /// Database connections.
     pub max_connections: u32,
+    /// Behind a load balancer: rate limits count the address the balancer appends to
+    /// `X-Forwarded-For` rather than the balancer's own (`FLOTILLA_TRUST_FORWARDED_FOR`).
+    /// Only set it when every request comes through a proxy that appends that header.
+    pub trust_forwarded_for: bool,
     /// PEM certificate chain to serve HTTPS with (`FLOTILLA_TLS_CERT`); with `tls_key`. Unset:
     /// plain HTTP (for a TLS-terminating proxy or load balancer in front).
     pub tls_cert: Option<PathBuf>,
@@ -244,6 +248,7 @@ impl Default for Config {
             max_connections: 16,
             tls_cert: None,
             tls_key: None,
+            trust_forwarded_for: false,
         }
     }
 }

@@ -68,6 +68,9 @@ struct Cli {
     /// How long one replica holds the evaluator, e.g. 90s (default: three intervals, ≥ 30 s).
     #[arg(long, env = "FLOTILLA_EVALUATOR_LEASE", value_parser = humantime::parse_duration)]
     evaluator_lease: Option<std::time::Duration>,
+    /// Rate-limit by the client address a trusted load balancer appends to X-Forwarded-For.
+    #[arg(long, env = "FLOTILLA_TRUST_FORWARDED_FOR")]
+    trust_forwarded_for: bool,
     /// PEM certificate chain: serve HTTPS (with --tls-key).
     #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -136,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         config.admin_token = Some(Secret::new(t));
     }
     config.open_enrollment |= cli.open_enrollment;
+    config.trust_forwarded_for |= cli.trust_forwarded_for;
     if let Some(i) = cli.evaluator_interval {
         config.evaluator_interval = i;
     }

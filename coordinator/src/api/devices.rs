@@ -54,6 +54,24 @@ fn targets(list: &[String], device: Option<&str>) -> bool {
     list.is_empty() || device.is_some_and(|d| list.iter().any(|t| t == d))
 }
 
+/// The client a rate limit counts: the TCP peer, or, behind a load balancer the operator
+/// trusts (`trust_forwarded_for`), the address that proxy appended to `X-Forwarded-For` (the
+/// last entry; earlier ones come from the client and prove nothing).
+fn client_ip(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
+    if state.config.trust_forwarded_for
+        && let Some(ip) = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    {
+        return ip;
+    }
+    peer.ip()
+}
+
 fn valid_device_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= flotilla_core::rollout::MAX_DEVICE_ID_LEN
@@ -74,9 +92,11 @@ fn to_i64(field: &str, v: Option<u64>) -> ApiResult<Option<i64>> {
 pub(crate) async fn enroll(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Json(req): Json<EnrollRequest>,
 ) -> ApiResult<Response> {
-    if !state.limiter.allow(peer.ip(), "enroll", state.config.rate_limits.enrolls_per_minute) {
+    let client = client_ip(&state, peer, &headers);
+    if !state.limiter.allow(client, "enroll", state.config.rate_limits.enrolls_per_minute) {
         state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::rate_limited());
     }
@@ -224,7 +244,7 @@ pub(crate) async fn check(
     Query(q): Query<CheckQuery>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
-    if !state.limiter.allow(peer.ip(), "check", state.config.rate_limits.checks_per_minute) {
+    if !state.limiter.allow(client_ip(&state, peer, &headers), "check", state.config.rate_limits.checks_per_minute) {
         state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::rate_limited());
     }

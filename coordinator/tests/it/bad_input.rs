@@ -213,4 +213,40 @@ async fn malformed_device_input(engine: Engine) {
     assert!(limited, "enrollment is rate limited per client");
 }
 
+/// Behind a load balancer every request comes from the balancer's address: with
+/// `trust_forwarded_for` the limit counts the client address the balancer appended to
+/// `X-Forwarded-For` (the last entry), so one noisy client is limited and the others are not,
+/// and a client cannot dodge its limit by writing its own header entries first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_count_forwarded_clients_behind_a_trusted_proxy() {
+    let s = start_with(Engine::Sqlite, |c| {
+        c.rate_limits.enrolls_per_minute = 5;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    s.create_product("lb", &Keys::new(12), SECRET).await;
+    let enroll = |i: usize, forwarded: &'static str| {
+        let (url, http) = (format!("{}/v1/devices/enroll", s.url), s.http.clone());
+        async move {
+            http.post(url)
+                .header("x-forwarded-for", forwarded)
+                .json(&json!({ "device_id": format!("lb-{i}"), "product": "lb", "channel": "stable", "enrollment_secret": SECRET }))
+                .send()
+                .await
+                .expect("enroll")
+                .status()
+        }
+    };
+    let mut noisy = Vec::new();
+    for i in 0..8 {
+        // Forged first entries change nothing: the proxy's own entry is last.
+        let forwarded = if i % 2 == 0 { "203.0.113.7" } else { "198.51.100.99, 203.0.113.7" };
+        noisy.push(enroll(i, forwarded).await);
+    }
+    assert!(noisy.contains(&StatusCode::TOO_MANY_REQUESTS), "the noisy client is limited: {noisy:?}");
+    assert_eq!(noisy.iter().filter(|s| **s == StatusCode::CREATED).count(), 5, "{noisy:?}");
+    // Another client behind the same balancer still gets through.
+    assert_eq!(enroll(100, "203.0.113.8").await, StatusCode::CREATED);
+}
+
 crate::both_engines!(refused_publications, refused_uploads, malformed_device_input);
