@@ -179,6 +179,8 @@ pub(crate) struct Fetching {
     pub(crate) parallel: usize,
     /// Attempts per chunk.
     pub(crate) attempts: u32,
+    /// Bandwidth cap, bytes per second (the same as for content chunks).
+    pub(crate) max_rate: Option<u64>,
 }
 
 /// Why a patch was not used; the text goes into the event.
@@ -495,6 +497,7 @@ async fn fetch_patch(
     let slot_io = |source| Outcome::Slot(WriteError::Io { slot: target, source });
     record.save(&record_path, &bits).map_err(slot_io)?;
     let phases = Arc::new(crate::install::Phases::default());
+    let cap = fetching.max_rate.map(|rate| Arc::new(crate::install::RateCap::new(rate)));
     let sem = Arc::new(tokio::sync::Semaphore::new(fetching.parallel.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut pending = order.into_iter();
@@ -511,9 +514,12 @@ async fn fetch_patch(
                 phases.clone(),
                 fetching.downloads_log.clone(),
             );
-            let attempts = fetching.attempts;
+            let (attempts, cap) = (fetching.attempts, cap.clone());
             tasks.spawn(async move {
                 let _permit = sem.acquire_owned().await.map_err(|e| WriteError::Task(e.to_string()))?;
+                if let Some(cap) = &cap {
+                    cap.take(u64::from(len)).await;
+                }
                 let places =
                     crate::install::fetch_and_write(&source, &id, len, attempts, (&f, target, size, places), &phases)
                         .await?;

@@ -179,14 +179,20 @@ enum FetchError {
 
 /// A simple average-rate cap shared by all downloads.
 #[derive(Debug)]
-struct RateCap {
+pub(crate) struct RateCap {
     started: Instant,
     rate: u64,
     bytes: std::sync::atomic::AtomicU64,
 }
 
 impl RateCap {
-    async fn take(&self, n: u64) {
+    /// A cap of `rate` bytes per second from now.
+    pub(crate) fn new(rate: u64) -> Self {
+        Self { started: Instant::now(), rate, bytes: 0.into() }
+    }
+
+    /// Waits until `n` more bytes fit under the cap.
+    pub(crate) async fn take(&self, n: u64) {
         let total = self.bytes.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n;
         let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
         let elapsed = self.started.elapsed();
@@ -533,6 +539,7 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
             downloads_log: plan.downloads_log.clone(),
             parallel: plan.parallel,
             attempts: plan.attempts,
+            max_rate: plan.max_rate,
         };
         let state = crate::delta::SlotState {
             file: &file,
@@ -548,7 +555,7 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
 
     // 3. Fetch the rest.
     let started = Instant::now();
-    let cap = plan.max_rate.map(|rate| Arc::new(RateCap { started: Instant::now(), rate, bytes: 0.into() }));
+    let cap = plan.max_rate.map(|rate| Arc::new(RateCap::new(rate)));
     let sem = Arc::new(tokio::sync::Semaphore::new(plan.parallel.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut since_checkpoint = 0u64;

@@ -246,9 +246,22 @@ fn kills_during_the_patch_download_and_application_resume_to_a_verified_slot() {
     let index_id = manifest["index"]["id"].as_str().expect("index id");
     let v2_index = ChunkIndex::decode(&std::fs::read(s.coord.object_path("indexes", index_id)).unwrap()).unwrap();
 
-    // Killed while the patch downloads, then while it is applied (abort: no destructors,
-    // nothing flushed, like kill -9 or a power cut).
-    for spec in ["patch-chunk-fetched:3", "patch-chunk-written:5"] {
+    // A real kill -9 while the patch downloads (slowed by the bandwidth cap, which patches
+    // obey like chunks).
+    let slow = DeviceOptions { extra: "max_download_rate = 300000".into(), ..DeviceOptions::default() };
+    s.dev.write_config(&s.coord.url, &slow);
+    let mut child = s.dev.cmd(&["check-once"]).spawn().expect("spawn agent");
+    // (The log still lists v1's chunks until the new install starts it afresh.)
+    let patch_lines = || s.dev.downloads().iter().filter(|id| patch_ids.contains(*id)).count();
+    wait_for("patch chunks to arrive", Duration::from_secs(60), || (patch_lines() >= 2).then_some(()));
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    assert!(patch_lines() < patch_ids.len(), "killed before the patch was complete");
+    s.dev.write_config(&s.coord.url, &DeviceOptions::default());
+
+    // Then aborted at the patch's crash points while it downloads and while it is applied
+    // (abort: no destructors, nothing flushed, like kill -9 or a power cut).
+    for spec in ["patch-chunk-fetched:1", "patch-chunk-written:5"] {
         let (out, stderr) = check_logged(&s.dev, Some(spec));
         assert!(!out.status.success() && stderr.contains("crash point"), "{spec}: {stderr}");
         let st = s.dev.status();
