@@ -377,9 +377,11 @@ async fn republish_deltas(
     let Some(mut before) = crate::state::parse_stored_manifest(&stored) else { return Ok(None) };
     let mut after = m.clone();
     let (old_deltas, new_deltas) = (before.deltas.len(), after.deltas.len());
+    // The same deltas again is no update: the normal path answers 409 (already published).
+    let same_deltas = before.deltas == after.deltas;
     before.deltas.clear();
     after.deltas.clear();
-    if before != after {
+    if same_deltas || before != after {
         return Ok(None);
     }
     check_deltas_stored(state, m).await?;
