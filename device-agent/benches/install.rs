@@ -11,8 +11,11 @@
 //! the agent's peak RSS during that install (VmHWM reset first):
 //! `install-delta: peak_rss_mib=<n> delta_bytes=<n> cdn_bytes=<n> secs=<n>`.
 //!
-//! The install rate is end to end: fetch every chunk over loopback HTTP, verify, write,
-//! fdatasync, then read the whole slot back and hash it; so it understates the raw write rate.
+//! The write rate is the image size over the agent's whole `check_once`: enroll, check,
+//! index, every chunk fetched over loopback HTTP, verified and written, fdatasync'ed at each
+//! checkpoint, and the slot read back *from the media* (page cache dropped) and hashed before
+//! the switch; dd's rate is 1 MiB writes of zeros plus one fdatasync. Both run 3 times,
+//! alternated (the disk's rate wanders), and the medians are compared.
 //! The origin is a release build of the coordinator (built here with a nested
 //! `cargo build --release` into the same target directory): a debug-build origin measures the
 //! coordinator, not the agent.
@@ -63,6 +66,30 @@ fn reset_hwm() {
 /// patch built by the CLI against the installed image (`--delta-base`). Commits the first
 /// install, then measures the agent's peak RSS while it fetches and applies the patch into
 /// the other slot. Returns the report line.
+/// Install and dd runs alternated (see `main`).
+const ROUNDS: usize = 3;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// dd's sequential write rate of `mib` MiB into a new file on the same disk, synced at the end
+/// (`conv=fdatasync`), in MB/s.
+fn dd_rate(out: &std::path::Path, mib: u64) -> f64 {
+    let t = Instant::now();
+    let status = std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", out.display()))
+        .args(["bs=1M", &format!("count={mib}"), "conv=fdatasync", "status=none"])
+        .status()
+        .expect("run dd");
+    assert!(status.success(), "dd failed");
+    let rate = (mib << 20) as f64 / 1e6 / t.elapsed().as_secs_f64();
+    std::fs::remove_file(out).ok();
+    rate
+}
+
 fn delta_install(
     runtime: &tokio::runtime::Runtime,
     agent: &Agent,
@@ -145,42 +172,35 @@ fn main() {
     eprintln!("published {mib} MiB in {:.1}s", t.elapsed().as_secs_f64());
     std::fs::remove_file(&img).ok();
 
-    let dev = Device { dir: tempfile::tempdir_in(&base).expect("device dir"), kind: SlotKind::File };
-    std::fs::copy(publisher.path("root.json"), dev.path("trust-root.json")).expect("root");
-    dev.write_config(&coord.url, &DeviceOptions::default());
-    let mut config = Config::load(&dev.path("agent.toml")).expect("config");
-    config.parallel_downloads = 8;
-    let agent = Agent::new(config).expect("agent");
+    // This disk's rate wanders a lot from run to run (a dd right after a 1 GiB write has run at
+    // a quarter of the next one's rate), so dd runs and fresh installs of the same release
+    // (each a new device: state directory and slots) alternate, and the medians are compared.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let before = vm_hwm_kib();
-    let t = Instant::now();
-    let report = runtime.block_on(agent.check_once()).expect("install");
-    let secs = t.elapsed().as_secs_f64();
+    let (mut install_rates, mut dd_rates, mut kept) = (Vec::new(), Vec::new(), None);
+    for round in 0..ROUNDS {
+        dd_rates.push(dd_rate(&work.path().join("dd.img"), mib));
+        let dev = Device { dir: tempfile::tempdir_in(&base).expect("device dir"), kind: SlotKind::File };
+        std::fs::copy(publisher.path("root.json"), dev.path("trust-root.json")).expect("root");
+        dev.write_config(&coord.url, &DeviceOptions { id: format!("bench-{round}"), ..DeviceOptions::default() });
+        let mut config = Config::load(&dev.path("agent.toml")).expect("config");
+        config.parallel_downloads = 8;
+        let agent = Agent::new(config).expect("agent");
+        let t = Instant::now();
+        let report = runtime.block_on(agent.check_once()).expect("install");
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("agent round {round}: {report:?} in {secs:.2}s");
+        install_rates.push(size as f64 / 1e6 / secs);
+        if round == 0 {
+            kept = Some((dev, agent));
+        }
+    }
     let peak = vm_hwm_kib();
-    eprintln!("agent: {report:?} in {secs:.1}s (VmHWM before {before} KiB, after {peak} KiB)");
-    let write_mb_s = size as f64 / 1e6 / secs;
-
-    // dd: sequential write of the same size into a new file, synced, on the same disk, right
-    // after the install (as the agent writes its slot). This disk's rate wanders from run to
-    // run, so two more runs are printed beside it; the ratio uses the first.
-    let dd_out = dev.path("dd.img");
-    let dd_rates: Vec<f64> = (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            let status = std::process::Command::new("dd")
-                .arg("if=/dev/zero")
-                .arg(format!("of={}", dd_out.display()))
-                .args(["bs=1M", &format!("count={mib}"), "conv=fdatasync", "status=none"])
-                .status()
-                .expect("run dd");
-            assert!(status.success(), "dd failed");
-            let rate = size as f64 / 1e6 / t.elapsed().as_secs_f64();
-            std::fs::remove_file(&dd_out).ok();
-            rate
-        })
-        .collect();
+    eprintln!("VmHWM before {before} KiB, after {peak} KiB");
+    eprintln!("install runs (MB/s): {install_rates:.1?}");
     eprintln!("dd runs (MB/s): {dd_rates:.1?}");
-    let dd_mb_s = dd_rates[0];
+    let (write_mb_s, dd_mb_s) = (median(&mut install_rates), median(&mut dd_rates));
+    let (dev, agent) = kept.expect("round 0");
     let peak_mib = peak as f64 / 1024.0;
     if std::env::var("FLOTILLA_BENCH_DELTA").as_deref() != Ok("0") {
         println!("{}", delta_install(&runtime, &agent, &publisher, &dev, size));

@@ -112,8 +112,7 @@ fn an_image_larger_than_the_block_device_is_refused() {
     let coord = Coordinator::start();
     let publisher = Publisher::new(&coord);
     let work = tempfile::tempdir().unwrap();
-    let (a, b) =
-        (Loop::new(&work.path().join("a.bin"), 1 << 20), Loop::new(&work.path().join("b.bin"), 1 << 20));
+    let (a, b) = (Loop::new(&work.path().join("a.bin"), 1 << 20), Loop::new(&work.path().join("b.bin"), 1 << 20));
     let dev = block_device(&coord, &publisher, &a, &b, &DeviceOptions::default());
     let big = image(72, (1 << 20) + 4096);
     std::fs::write(publisher.path("big.img"), &big).unwrap();
