@@ -131,6 +131,8 @@ pub struct ServeOptions {
     /// How often the releases imported with a rollout directive are offered to the site
     /// (devices that join later hear the next round).
     pub announce_every: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Test only: serve bad chunks (a malicious peer).
     pub corrupt: Option<Corruption>,
 }
@@ -204,6 +206,13 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     for addr in mesh.listen_addrs().await? {
         println!("listening on {addr}");
     }
+    if let Some(addr) = opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| MeshError::Start(format!("metrics listener {addr}: {e}")))?;
+        println!("metrics on http://{}/metrics", listener.local_addr().map_or(addr, |a| a));
+        tokio::spawn(serve_metrics(listener, mesh.clone(), store.clone()));
+    }
     let mut every = tokio::time::interval(opts.stats_every);
     let mut announce = tokio::time::interval(opts.announce_every);
     announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -234,4 +243,50 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
         }
     }
     Ok(())
+}
+
+/// Longest metrics request read (a `GET` line and a few headers).
+const MAX_METRICS_REQUEST: usize = 4096;
+
+/// Answers every connection with the counters in Prometheus text format, whatever it asked.
+async fn serve_metrics(listener: tokio::net::TcpListener, mesh: Mesh, store: Arc<DiskStore>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let (mesh, store) = (mesh.clone(), store.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_METRICS_REQUEST];
+            // One read is enough for a scrape's request; the answer does not depend on it.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
+            let Ok(s) = mesh.stats().await else { return };
+            let st = store.stats();
+            let body = format!(
+                "# TYPE flotilla_mesh_peers gauge\nflotilla_mesh_peers {}\n\
+                 # TYPE flotilla_mesh_served_chunks_total counter\nflotilla_mesh_served_chunks_total {}\n\
+                 # TYPE flotilla_mesh_served_bytes_total counter\nflotilla_mesh_served_bytes_total {}\n\
+                 # TYPE flotilla_mesh_busy_total counter\nflotilla_mesh_busy_total {}\n\
+                 # TYPE flotilla_mesh_bad_chunks_total counter\nflotilla_mesh_bad_chunks_total {}\n\
+                 # TYPE flotilla_mesh_bans_total counter\nflotilla_mesh_bans_total {}\n\
+                 # TYPE flotilla_mesh_store_chunks gauge\nflotilla_mesh_store_chunks {}\n\
+                 # TYPE flotilla_mesh_store_bytes gauge\nflotilla_mesh_store_bytes {}\n\
+                 # TYPE flotilla_mesh_store_max_bytes gauge\nflotilla_mesh_store_max_bytes {}\n",
+                s.peers,
+                s.served_chunks,
+                s.served_bytes,
+                s.busy,
+                s.bad_chunks,
+                s.bans,
+                st.chunks,
+                st.bytes,
+                st.max_bytes
+            );
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
 }

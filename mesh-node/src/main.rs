@@ -60,6 +60,9 @@ enum Command {
         /// How often releases imported with a rollout directive are offered to the site.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         announce_every: Duration,
+        /// Serve Prometheus metrics on this address (`GET /metrics`).
+        #[arg(long, env = "FLOTILLA_MESH_METRICS")]
+        metrics: Option<std::net::SocketAddr>,
         /// Tests only: serve bad chunks.
         #[arg(long, hide = true, env = "FLOTILLA_MESH_TEST_CORRUPT")]
         test_corrupt: Option<cache::Corruption>,
@@ -90,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
             stats_every,
             announce_every,
             max_upload_rate,
+            metrics,
             test_corrupt,
         } => {
             let opts = ServeOptions {
@@ -103,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
                 stats_every,
                 max_upload_rate,
                 announce_every,
+                metrics,
                 corrupt: test_corrupt,
             };
             cache::serve(opts, shutdown_signal()).await.context("serving")?;

@@ -172,3 +172,31 @@ fn a_peer_killed_mid_transfer_leaves_the_others_to_finish() {
     );
     assert_eq!(bytes(&report, "peer") + bytes(&report, "cdn"), s.image.len() as u64, "{report}");
 }
+
+#[test]
+fn a_site_cache_serves_prometheus_metrics() {
+    let s = site(23, 1 << 20);
+    let root = s.publisher.path("root.json");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--metrics", &metrics, "--import"];
+    let mut args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    args.push(s.export.as_os_str());
+    let _cache = SiteCache::start_with(None, tempfile::tempdir().unwrap(), &root, &args, None);
+    let chunks = std::fs::read_dir(s.export.join("chunks"))
+        .unwrap()
+        .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+        .sum::<usize>();
+    let text = wait_for("the metrics endpoint", Duration::from_secs(10), || {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect(&metrics).ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text).ok()?;
+        Some(text)
+    });
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok());
+    assert_eq!(value("flotilla_mesh_store_chunks"), Some(chunks as u64), "{text}");
+    assert_eq!(value("flotilla_mesh_served_chunks_total"), Some(0), "{text}");
+}
