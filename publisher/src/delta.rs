@@ -404,6 +404,17 @@ pub async fn patch(client: &Client, args: &PatchArgs, quiet: bool) -> CliResult<
             ),
         ));
     };
+    if manifest.deltas.contains(&delta) {
+        // Already listed byte for byte: nothing to re-sign.
+        return Ok(json!({
+            "id": to.id,
+            "version": to.version,
+            "version_code": to.version_code,
+            "deltas": manifest.deltas.len(),
+            "unchanged": true,
+            "patch": report,
+        }));
+    }
     manifest.deltas.retain(|d| d.from_version_code != delta.from_version_code);
     manifest.deltas.push(delta);
     if manifest.deltas.len() > MAX_DELTAS {

@@ -123,10 +123,11 @@ fn release_builds_and_patch_adds_deltas(engine: Engine) {
     let mut out = Vec::new();
     delta::apply(&mut patch.as_slice(), &v2, &mut out, &DeltaLimits::default()).expect("apply");
     assert!(out == v3, "the added patch does not rebuild v3 from v2");
-    // Adding the same patch again replaces it (still one delta from 1.1.0), downloading the
-    // images this time.
+    // Building the same patch again (downloading the images this time) finds it listed
+    // already: one delta from 1.1.0, no re-publish.
     let again = cli.ok(&["patch", "--product", "kiosk", "--from", "1.1.0", "--to", "1.2.0", "--key", &key]);
     assert_eq!(again["deltas"], 1, "{again}");
+    assert_eq!(again["unchanged"], true, "the same patch again changes nothing: {again}");
     assert_eq!(again["patch"]["base"], "downloaded", "{again}");
 
     // A re-publish that changes more than `deltas` is still a conflict.
