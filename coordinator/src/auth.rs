@@ -1,5 +1,6 @@
-//! Bearer tokens: random 256-bit values shown once, stored as their SHA-256. Three scopes:
-//! `device` (one device of one product), `publish` (one product), `admin` (everything).
+//! Bearer tokens: random 256-bit values shown once, stored as their SHA-256. Four scopes:
+//! `device` (one device of one product), `publish` (one product), `cache` (reading one
+//! product's releases: a site cache prefetching them), `admin` (everything).
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -18,6 +19,9 @@ pub enum Scope {
     Device,
     /// Publishing for one product (and steering its rollouts).
     Publish,
+    /// Reading one product's releases and their signed manifests, nothing else: what a
+    /// `flotilla-mesh` site cache needs to prefetch them.
+    Cache,
     /// Everything.
     Admin,
 }
@@ -28,6 +32,7 @@ impl Scope {
         match self {
             Self::Device => "device",
             Self::Publish => "publish",
+            Self::Cache => "cache",
             Self::Admin => "admin",
         }
     }
@@ -36,6 +41,7 @@ impl Scope {
         match s {
             "device" => Some(Self::Device),
             "publish" => Some(Self::Publish),
+            "cache" => Some(Self::Cache),
             "admin" => Some(Self::Admin),
             _ => None,
         }
@@ -76,6 +82,19 @@ impl Principal {
                 Err(ApiError::forbidden(format!("this token may not publish or steer product {product:?}")))
             }
             Scope::Device => Err(ApiError::forbidden("device tokens cannot publish or steer rollouts")),
+            Scope::Cache => Err(ApiError::forbidden("cache tokens are read-only")),
+        }
+    }
+
+    /// Requires a publish or cache token for `product`, or admin: reading its releases.
+    ///
+    /// # Errors
+    /// 403 otherwise.
+    pub fn require_reader_of(&self, product: &str) -> Result<(), ApiError> {
+        match self.scope {
+            Scope::Cache if self.product.as_deref() == Some(product) => Ok(()),
+            Scope::Cache => Err(ApiError::forbidden(format!("this token may not read product {product:?}"))),
+            _ => self.require_publisher_of(product),
         }
     }
 
@@ -87,6 +106,7 @@ impl Principal {
         match self.scope {
             Scope::Admin | Scope::Publish => Ok(()),
             Scope::Device => Err(ApiError::forbidden("device tokens cannot upload content")),
+            Scope::Cache => Err(ApiError::forbidden("cache tokens are read-only")),
         }
     }
 

@@ -256,6 +256,20 @@ pub async fn take_lease(state: &AppState, name: &str, ttl_secs: i64) -> Result<b
     Ok(res.rows_affected() == 1)
 }
 
+/// Gives the evaluator's lease back if this replica holds it (a graceful shutdown), so another
+/// replica takes over at its next pass instead of after the lease expires.
+///
+/// # Errors
+/// Database errors.
+pub async fn release_evaluator_lease(state: &AppState) -> Result<bool, sqlx::Error> {
+    let res = sqlx::query("UPDATE leases SET expires_at = 0 WHERE name = $1 AND holder = $2")
+        .bind(EVALUATOR_LEASE)
+        .bind(&state.instance)
+        .execute(&state.db.pool)
+        .await?;
+    Ok(res.rows_affected() == 1)
+}
+
 /// What one evaluation did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Evaluation {

@@ -223,6 +223,11 @@ pub async fn serve(
                 }
             }
             let _ = crate::api::flush_last_seen(&state).await;
+            match crate::rollout::release_evaluator_lease(&state).await {
+                Ok(true) => tracing::info!("gave the rollout evaluator's lease back"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "could not give the evaluator's lease back; it expires by itself"),
+            }
         });
     }
     if state.db.engine == crate::db::Engine::Postgres {

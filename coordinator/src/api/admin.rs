@@ -160,11 +160,16 @@ pub(crate) async fn create_token(
     who.require_admin()?;
     let scope = match req.scope.as_str() {
         "publish" => Scope::Publish,
+        "cache" => Scope::Cache,
         "admin" => Scope::Admin,
-        _ => return Err(ApiError::bad_request("scope must be publish or admin (devices get tokens by enrolling)")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "scope must be publish, cache or admin (devices get tokens by enrolling)",
+            ));
+        }
     };
-    if scope == Scope::Publish && req.product.is_none() {
-        return Err(ApiError::bad_request("a publish token needs a product"));
+    if matches!(scope, Scope::Publish | Scope::Cache) && req.product.is_none() {
+        return Err(ApiError::bad_request(format!("a {} token needs a product", scope.as_str())));
     }
     if req.label.is_empty() || req.label.len() > 128 {
         return Err(ApiError::bad_request("label must be 1-128 characters"));
@@ -272,7 +277,7 @@ pub(crate) struct ListQuery {
 fn visible_product(who: &Principal, asked: Option<&String>) -> ApiResult<Option<String>> {
     match who.scope {
         Scope::Admin => Ok(asked.cloned()),
-        Scope::Publish => {
+        Scope::Publish | Scope::Cache => {
             let own = who.product.clone();
             if asked.is_some_and(|a| Some(a) != own.as_ref()) {
                 return Err(ApiError::forbidden("this token may only see its own product"));
@@ -360,14 +365,20 @@ pub(crate) async fn list_releases(
     Ok(Json(serde_json::json!({ "releases": out })))
 }
 
-async fn release_row(state: &AppState, who: &Principal, id: i64) -> ApiResult<sqlx::any::AnyRow> {
+/// Loads release `id` for `who`: reading it (publish and cache tokens of its product) or
+/// steering it (publish tokens).
+async fn release_row(state: &AppState, who: &Principal, id: i64, read_only: bool) -> ApiResult<sqlx::any::AnyRow> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE id = $1")))
         .bind(id)
         .fetch_optional(&state.db.pool)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no release {id}")))?;
     let product: String = row.try_get("product")?;
-    who.require_publisher_of(&product)?;
+    if read_only {
+        who.require_reader_of(&product)?
+    } else {
+        who.require_publisher_of(&product)?
+    }
     Ok(row)
 }
 
@@ -376,7 +387,7 @@ pub(crate) async fn get_release(
     who: Principal,
     Path(id): Path<i64>,
 ) -> ApiResult<JsonValue> {
-    let row = release_row(&state, &who, id).await?;
+    let row = release_row(&state, &who, id, true).await?;
     let mut out = release_json(&state, &row).await?;
     // The signed manifest, verbatim: the CLI needs it for rollback and export.
     let manifest: String =
@@ -407,7 +418,7 @@ pub(crate) async fn release_stats(
     who: Principal,
     Path(id): Path<i64>,
 ) -> ApiResult<JsonValue> {
-    release_row(&state, &who, id).await?;
+    release_row(&state, &who, id, false).await?;
     let rows = sqlx::query("SELECT kind, COUNT(*) AS n, COUNT(DISTINCT device_id) AS devices FROM events WHERE release_id = $1 GROUP BY kind ORDER BY kind")
         .bind(id)
         .fetch_all(&state.db.pool)
@@ -427,7 +438,7 @@ pub(crate) async fn archive_release(
     who: Principal,
     Path(id): Path<i64>,
 ) -> ApiResult<JsonValue> {
-    release_row(&state, &who, id).await?;
+    release_row(&state, &who, id, false).await?;
     sqlx::query("UPDATE releases SET archived = 1 WHERE id = $1").bind(id).execute(&state.db.pool).await?;
     audit(
         &state,
@@ -450,7 +461,7 @@ pub(crate) struct ReasonBody {
 }
 
 async fn act(state: AppState, who: Principal, id: i64, action: Action) -> ApiResult<JsonValue> {
-    release_row(&state, &who, id).await?;
+    release_row(&state, &who, id, false).await?;
     let next = rollout::apply(&state, &who.label, id, action).await?;
     Ok(Json(serde_json::to_value(next).map_err(ApiError::internal)?))
 }
@@ -527,6 +538,9 @@ pub(crate) async fn list_devices(
     who: Principal,
     Query(q): Query<DeviceQuery>,
 ) -> ApiResult<JsonValue> {
+    if who.scope == Scope::Cache {
+        return Err(ApiError::forbidden("cache tokens may read releases only"));
+    }
     let product = visible_product(&who, q.product.as_ref())?;
     let rows = sqlx::query(
         "SELECT product, device_id, channel, hardware, platform, architecture, version, version_code, agent_version, last_seen, enrolled_at FROM devices \

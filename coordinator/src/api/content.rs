@@ -41,6 +41,13 @@ async fn serve(
     let id: flotilla_core::ids::ChunkId =
         id.parse().map_err(|_| ApiError::bad_request("object ids are 64 lowercase hex characters"))?;
     let key = object_key(kind, &id.to_hex());
+    // A redirect is only for an object the coordinator has stored (one indexed read): an
+    // unknown id is a 404 here, not a redirect to the bucket's or the CDN's own error.
+    if (state.config.cdn_base_url.is_some() || state.config.presign_downloads)
+        && !super::publish::is_stored(&state, kind, &id.to_hex()).await?
+    {
+        return Err(ApiError::not_found(format!("no {} {id} is stored", kind.as_str())));
+    }
     if let Some(base) = &state.config.cdn_base_url {
         let location = format!("{}/{key}", base.trim_end_matches('/'));
         return Ok((StatusCode::FOUND, [(header::LOCATION, location)]).into_response());

@@ -58,6 +58,16 @@ pub(crate) async fn stored_ids(
     Ok(present)
 }
 
+/// Whether an object of `kind` with id `id` (hex) is stored.
+pub(crate) async fn is_stored(state: &AppState, kind: ObjectKind, id: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<i64> = sqlx::query_scalar("SELECT size FROM objects WHERE kind = $1 AND id = $2")
+        .bind(kind.as_str())
+        .bind(id)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    Ok(found.is_some())
+}
+
 pub(crate) async fn missing_chunks(
     State(state): State<AppState>,
     who: Principal,

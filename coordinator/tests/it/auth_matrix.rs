@@ -1,5 +1,5 @@
 //! Every endpoint × every kind of caller: nobody, a device, another product's publisher, the
-//! product's publisher, an admin.
+//! product's publisher, the product's site cache (read-only), an admin.
 
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -14,6 +14,7 @@ enum Who {
     Device,
     OtherPublisher,
     Publisher,
+    Cache,
     Admin,
 }
 
@@ -24,11 +25,22 @@ async fn authorization_matrix(engine: Engine) {
     let other_api = s.create_product("theirs", &Keys::new(9), SECRET).await;
     let device = s.enroll("mine", "m-1", "stable", SECRET, None).await;
     let id = release(&s, &api, &keys, "mine", "1.0.0", 1, &image(4, 20_000), json!({ "percent": 100 })).await;
+    let cache = |product: &str| {
+        let body = json!({ "scope": "cache", "product": product, "label": format!("cache-{product}") });
+        let (s, admin) = (&s, s.admin.clone());
+        async move {
+            let (status, body) = s.post("/v1/tokens", Some(&admin), body).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            body["token"].as_str().expect("token").to_owned()
+        }
+    };
+    let cache_token = cache("mine").await;
     let token = |w: Who| match w {
         Who::Nobody => None,
         Who::Device => Some(device.clone()),
         Who::OtherPublisher => Some(other_api.clone()),
         Who::Publisher => Some(api.clone()),
+        Who::Cache => Some(cache_token.clone()),
         Who::Admin => Some(s.admin.clone()),
     };
     use Who::*;
@@ -38,8 +50,8 @@ async fn authorization_matrix(engine: Engine) {
         (Method::GET, "/v1/updates/check".into(), json!(null), vec![Device]),
         (Method::POST, "/v1/devices/events".into(), json!({ "events": [] }), vec![Device]),
         (Method::POST, "/v1/chunks/missing".into(), json!({ "ids": [] }), vec![OtherPublisher, Publisher, Admin]),
-        (Method::GET, "/v1/releases?product=mine".into(), json!(null), vec![Publisher, Admin]),
-        (Method::GET, format!("/v1/releases/{id}"), json!(null), vec![Publisher, Admin]),
+        (Method::GET, "/v1/releases?product=mine".into(), json!(null), vec![Publisher, Cache, Admin]),
+        (Method::GET, format!("/v1/releases/{id}"), json!(null), vec![Publisher, Cache, Admin]),
         (Method::GET, format!("/v1/releases/{id}/stats"), json!(null), vec![Publisher, Admin]),
         (Method::POST, format!("/v1/releases/{id}/pause"), json!({}), vec![Publisher, Admin]),
         (Method::POST, format!("/v1/releases/{id}/resume"), json!({}), vec![Publisher, Admin]),
@@ -65,10 +77,10 @@ async fn authorization_matrix(engine: Engine) {
             vec![Admin],
         ),
         (Method::GET, "/v1/audit".into(), json!(null), vec![Admin]),
-        (Method::POST, "/v1/auth/refresh".into(), json!(null), vec![OtherPublisher, Publisher, Admin]),
+        (Method::POST, "/v1/auth/refresh".into(), json!(null), vec![OtherPublisher, Publisher, Cache, Admin]),
     ];
     for (method, path, body, allowed) in &cases {
-        for who in [Nobody, Device, OtherPublisher, Publisher, Admin] {
+        for who in [Nobody, Device, OtherPublisher, Publisher, Cache, Admin] {
             let body = if body.is_null() { None } else { Some(body.clone()) };
             let (status, resp) = s.req(method.clone(), path, token(who).as_deref(), body).await;
             let is_allowed = allowed.iter().any(|a| std::mem::discriminant(a) == std::mem::discriminant(&who));
@@ -89,6 +101,18 @@ async fn authorization_matrix(engine: Engine) {
     // Content is public, like a CDN: addressed by hash, useless without a signed manifest.
     let (status, _) = s.get("/v1/chunks/0000000000000000000000000000000000000000000000000000000000000000", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // A cache token reads its own product only, and needs a product to be made.
+    let (status, _) = s.get("/v1/releases?product=theirs", Some(&cache_token)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // (The matrix archived the release: ask for archived ones too.)
+    let (status, body) = s.get("/v1/releases?include_archived=true", Some(&cache_token)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["releases"][0]["id"], id, "{body}");
+    let (status, body) = s.post("/v1/tokens", Some(&s.admin), json!({ "scope": "cache", "label": "no-product" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let other_cache = cache("theirs").await;
+    let (status, _) = s.get(&format!("/v1/releases/{id}"), Some(&other_cache)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     // A device only ever sees its own product: there is no parameter to ask for another.
     let (status, _) = s.get("/v1/updates/check?product=theirs", Some(&device)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);

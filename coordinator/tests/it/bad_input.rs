@@ -129,9 +129,10 @@ async fn refused_uploads(engine: Engine) {
     let ids: Vec<String> = (0..100_001).map(|_| id.to_hex()).collect();
     // The body is over the 4 MiB JSON limit: the server answers 413 as soon as it sees the
     // Content-Length and closes the connection, which the client may notice while it is still
-    // sending (an incomplete message) instead of reading the 413.
-    match s
-        .http
+    // sending (an incomplete message) instead of reading the 413. A client of its own, so the
+    // shared one never reuses the connection the server dropped.
+    let one_off = reqwest::Client::builder().build().expect("client");
+    match one_off
         .post(format!("{}/v1/chunks/missing", s.url))
         .bearer_auth(&api)
         .json(&json!({ "ids": ids }))

@@ -1,5 +1,6 @@
 //! Publish, check, verify as a device would, download, report.
 
+use flotilla_coordinator::storage::{ObjectKind, object_key};
 use flotilla_core::manifest::{DeviceContext, verify_for_device};
 use flotilla_core::object;
 use flotilla_core::rollout::verify_assignment;
@@ -8,7 +9,7 @@ use flotilla_core::trust::TrustRoot;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{Engine, Keys, image, release, start};
+use crate::support::{Engine, Keys, image, release, start, start_with};
 
 const SECRET: &str = "enroll-secret-0123456789";
 
@@ -278,7 +279,55 @@ async fn last_seen_is_flushed_in_batches(engine: Engine) {
     }
 }
 
+/// With a CDN base URL, chunk and index downloads answer 302 to the object's key under that
+/// base (the layout the store writes, so a CDN in front of the bucket serves it); an id the
+/// coordinator never stored is a 404 from the coordinator, with no redirect.
+async fn cdn_base_redirects_stored_objects_only(engine: Engine) {
+    let s = start_with(engine, |c| c.cdn_base_url = Some("https://cdn.example.test/fleet/".into())).await;
+    let keys = Keys::new(9);
+    let api = s.create_product("cdn", &keys, SECRET).await;
+    let device = s.enroll("cdn", "dev-c", "stable", SECRET, None).await;
+    let img = image(9, 300_000);
+    release(&s, &api, &keys, "cdn", "1.0.0", 1, &img, json!({ "percent": 100 })).await;
+    let resp =
+        s.http.get(format!("{}/v1/updates/check?nonce=c1", s.url)).bearer_auth(&device).send().await.expect("check");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let offer: serde_json::Value = resp.json().await.expect("json");
+    let index_url = offer["index"]["url"].as_str().expect("index url");
+    let index_id = index_url.rsplit('/').next().expect("id");
+
+    flotilla_coordinator::tls::install_crypto_provider();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let location = |resp: &reqwest::Response| resp.headers()["location"].to_str().expect("ascii").to_owned();
+    let resp = http.get(format!("{}{index_url}", s.url)).send().await.expect("index");
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let expected = object_key(ObjectKind::Index, index_id);
+    assert_eq!(location(&resp), format!("https://cdn.example.test/fleet/{expected}"));
+
+    // A stored chunk (the first of the image) redirects to its key.
+    let index = flotilla_core::chunking::Chunker::new(flotilla_core::chunking::ChunkParams::BUNDLE)
+        .chunk_reader(&img[..])
+        .expect("chunk")
+        .index;
+    let first = index.entries()[0].id.to_hex();
+    let resp = http.get(format!("{}/v1/chunks/{first}", s.url)).send().await.expect("chunk");
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    assert_eq!(location(&resp), format!("https://cdn.example.test/fleet/{}", object_key(ObjectKind::Chunk, &first)));
+
+    // Unknown ids, and an index id asked for as a chunk: 404 from the coordinator.
+    for path in [
+        format!("/v1/chunks/{}", "ef".repeat(32)),
+        format!("/v1/indexes/{}", "ef".repeat(32)),
+        format!("/v1/chunks/{index_id}"),
+    ] {
+        let resp = http.get(format!("{}{path}", s.url)).send().await.expect("missing");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        assert!(resp.headers().get("location").is_none(), "{path}");
+    }
+}
+
 crate::both_engines!(
+    cdn_base_redirects_stored_objects_only,
     last_seen_is_flushed_in_batches,
     publish_check_install,
     second_release_uploads_only_new_chunks,
