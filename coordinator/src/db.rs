@@ -27,6 +27,22 @@ pub struct Db {
     pub engine: Engine,
 }
 
+impl Db {
+    /// Begins a transaction that will write. On SQLite it is `BEGIN IMMEDIATE`, which takes the
+    /// write lock at once (waiting up to the busy timeout): a deferred transaction that reads
+    /// and then writes fails at once with "database is locked" when another connection wrote
+    /// in between, and the busy timeout does not help it. PostgreSQL: a plain `BEGIN`.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.engine {
+            Engine::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Engine::Postgres => self.pool.begin().await,
+        }
+    }
+}
+
 struct Migration {
     version: i64,
     name: &'static str,

@@ -138,7 +138,7 @@ pub(crate) async fn enroll(
         }
     }
     let t = now();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     // Re-enrolling replaces the device's record and revokes its older tokens.
     sqlx::query("DELETE FROM devices WHERE product = $1 AND device_id = $2")
         .bind(&req.product)
@@ -434,7 +434,7 @@ pub(crate) async fn events(
     if batch.events.len() > MAX_EVENTS {
         return Err(ApiError::bad_request(format!("at most {MAX_EVENTS} events per request")));
     }
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     for e in &batch.events {
         if !EVENT_KINDS.contains(&e.kind.as_str()) {
             return Err(ApiError::bad_request(format!("event kind must be one of {EVENT_KINDS:?}")));
@@ -531,7 +531,7 @@ pub async fn flush_last_seen(state: &AppState) -> Result<usize, sqlx::Error> {
     if pending.is_empty() {
         return Ok(0);
     }
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     for batch in pending.chunks(LAST_SEEN_BATCH) {
         let rows: Vec<String> = (0..batch.len())
             .map(|i| format!("(${}, ${}, ${}, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))

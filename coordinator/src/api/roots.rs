@@ -61,7 +61,7 @@ pub(crate) async fn rotate(
     }
 
     let t = now();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let swapped = sqlx::query("UPDATE products SET trust_root = $1 WHERE name = $2 AND trust_root = $3")
         .bind(&req.trust_root)
         .bind(&product)
