@@ -421,6 +421,12 @@ impl Config {
         {
             return invalid(field, &reason);
         }
+        if self.mesh.enabled
+            && let Some(path) = &self.mesh.psk_file
+            && let Err(e) = flotilla_mesh::load_psk(path)
+        {
+            return invalid("mesh.psk_file", &e.to_string());
+        }
         if let SlotsConfig::File { a, b } | SlotsConfig::Block { a, b } = &self.slots
             && a == b
         {

@@ -560,7 +560,11 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut since_checkpoint = 0u64;
     let mut last_checkpoint = Instant::now();
-    let mut pending = todo.order.into_iter();
+    let mut order = todo.order;
+    if let ChunkSource::Peer(p) = &plan.source {
+        p.origin_first(&mut order).await;
+    }
+    let mut pending = order.into_iter();
     let mut outcome: Result<(), WriteError> = Ok(());
     let mut in_flight = None;
     loop {

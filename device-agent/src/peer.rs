@@ -50,8 +50,9 @@ pub struct MeshSettings {
     /// Fetch from and serve to peers (default false).
     #[serde(default)]
     pub enabled: bool,
-    /// Listen addresses (default `/ip4/0.0.0.0/tcp/0`: every IPv4 address, any port).
-    #[serde(default = "default_listen")]
+    /// Listen addresses (default: every IPv4 address on any TCP port, and on any UDP port
+    /// for QUIC unless `psk_file` is set).
+    #[serde(default)]
     pub listen: Vec<String>,
     /// Peers to connect to at start and stay connected to (site caches), each ending in
     /// `/p2p/<peer id>`.
@@ -67,23 +68,28 @@ pub struct MeshSettings {
     /// Upload budget to peers in bytes per second (default: unlimited).
     #[serde(default)]
     pub max_upload_rate: Option<u64>,
+    /// Find peers of a release beyond the local network with Kademlia (default true).
+    #[serde(default = "yes")]
+    pub kademlia: bool,
+    /// Fleet-private network: a go-ipfs style `swarm.key` file; only peers holding the same
+    /// key connect (TCP only: QUIC addresses are refused with a key).
+    #[serde(default)]
+    pub psk_file: Option<PathBuf>,
 }
 
 impl Default for MeshSettings {
     fn default() -> Self {
         Self {
             enabled: false,
-            listen: default_listen(),
+            listen: Vec::new(),
             bootstrap: Vec::new(),
             mdns: true,
             deadline: default_deadline(),
             max_upload_rate: None,
+            kademlia: true,
+            psk_file: None,
         }
     }
-}
-
-fn default_listen() -> Vec<String> {
-    vec!["/ip4/0.0.0.0/tcp/0".into()]
 }
 fn yes() -> bool {
     true
@@ -103,10 +109,24 @@ impl MeshSettings {
                 .map(|a| a.parse::<Multiaddr>().map_err(|e| (field, format!("{a:?}: {e}"))))
                 .collect::<Result<Vec<_>, _>>()
         };
-        let listen = parse("mesh.listen", &self.listen)?;
+        let mut listen = parse("mesh.listen", &self.listen)?;
+        if listen.is_empty() {
+            let any = Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED);
+            listen.push(any.clone().with(flotilla_mesh::Protocol::Tcp(0)));
+            if self.psk_file.is_none() {
+                listen.push(any.with(flotilla_mesh::Protocol::Udp(0)).with(flotilla_mesh::Protocol::QuicV1));
+            }
+        }
         let bootstrap = parse("mesh.bootstrap", &self.bootstrap)?;
         if let Some(a) = bootstrap.iter().find(|a| !a.iter().any(|p| matches!(p, flotilla_mesh::Protocol::P2p(_)))) {
             return Err(("mesh.bootstrap", format!("{a} does not end in /p2p/<peer id>")));
+        }
+        if self.psk_file.is_some() {
+            for (field, list) in [("mesh.listen", &listen), ("mesh.bootstrap", &bootstrap)] {
+                if let Some(a) = list.iter().find(|a| flotilla_mesh::is_quic(a)) {
+                    return Err((field, format!("{a}: a private network (psk_file) runs over TCP only")));
+                }
+            }
         }
         Ok((listen, bootstrap))
     }
@@ -259,6 +279,9 @@ impl MeshSlot {
         config.bootstrap = bootstrap;
         config.mdns = self.settings.mdns;
         config.max_upload_rate = self.settings.max_upload_rate;
+        config.kademlia = self.settings.kademlia;
+        config.psk =
+            self.settings.psk_file.as_deref().map(flotilla_mesh::load_psk).transpose().map_err(|e| e.to_string())?;
         config.trust_root = self.trust_root.lock().unwrap_or_else(|e| e.into_inner()).clone();
         config.keypair = Some(flotilla_mesh::cache::load_or_create_key(&self.key_path).map_err(|e| e.to_string())?);
         let provider = Arc::new(SlotChunks::default());
@@ -286,9 +309,12 @@ impl MeshSlot {
     /// Starts the node (when enabled) and serves the installed release from the active slot:
     /// a daemon serves its peers even while it has nothing to install itself.
     pub async fn serve_installed(&self, slots: &Slots, active: SlotName, index: Option<&ChunkIndex>) {
-        if let (Some((_, provider)), Some(index)) = (self.node().await, index) {
+        if let (Some((mesh, provider)), Some(index)) = (self.node().await, index) {
             provider.serve(slots.image_path(active), index);
             provider.complete.lock().unwrap_or_else(|e| e.into_inner()).insert(index.id());
+            if let Err(e) = mesh.provide(index.id()).await {
+                tracing::debug!(error = %e, "mesh stopped; the installed release is not provided");
+            }
         }
     }
 
@@ -402,6 +428,21 @@ impl PeerFirst {
         flotilla_mesh::fetcher_for(id, &agents) == Some(me)
     }
 
+    /// Puts first the chunks this agent is its site's origin fetcher for (rendezvous over the
+    /// agents connected now), keeping index order otherwise: the site's agents then pull
+    /// distinct chunks from the origin at once and fill its link from the start, and fetch the
+    /// rest from each other afterwards, instead of all waiting in index order on the same few
+    /// chunks that one of them fetches.
+    pub(crate) async fn origin_first(&self, order: &mut [ChunkId]) {
+        let me = self.mesh.peer_id();
+        let Ok(peers) = self.mesh.peers().await else { return };
+        let agents: Vec<flotilla_mesh::PeerId> =
+            peers.iter().filter(|p| p.role == Some(Role::Agent)).map(|p| p.id).chain([me]).collect();
+        if agents.len() > 1 {
+            order.sort_by_key(|id| flotilla_mesh::fetcher_for(id, &agents) != Some(me));
+        }
+    }
+
     /// Tells the mesh which release this install fetches: peers' have-maps then steer each
     /// request (see [`Mesh::track`]).
     pub(crate) async fn track(&self, index: &ChunkIndex) {
@@ -433,10 +474,25 @@ mod tests {
         .unwrap();
         assert_eq!(s.deadline, Duration::from_secs(5));
         assert!(s.mdns);
+        assert!(s.kademlia);
         let (listen, boot) = s.addresses().unwrap();
-        assert_eq!((listen.len(), boot.len()), (1, 1));
+        // By default: TCP and QUIC on any port.
+        assert_eq!(
+            listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+        );
+        assert_eq!(boot.len(), 1);
         let bad = MeshSettings { bootstrap: vec!["/ip4/10.0.0.2/tcp/4001".into()], ..MeshSettings::default() };
         assert_eq!(bad.addresses().unwrap_err().0, "mesh.bootstrap");
+
+        // A private network: TCP only by default, and a QUIC address is refused by name.
+        let private = MeshSettings { psk_file: Some("/etc/flotilla/swarm.key".into()), ..MeshSettings::default() };
+        let (listen, _) = private.addresses().unwrap();
+        assert_eq!(listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["/ip4/0.0.0.0/tcp/0"]);
+        let quic = MeshSettings { listen: vec!["/ip4/0.0.0.0/udp/4001/quic-v1".into()], ..private.clone() };
+        let (field, why) = quic.addresses().unwrap_err();
+        assert_eq!(field, "mesh.listen");
+        assert!(why.contains("TCP only"), "{why}");
     }
 
     #[test]

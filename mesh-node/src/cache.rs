@@ -48,6 +48,9 @@ pub enum CacheError {
     /// The mesh.
     #[error(transparent)]
     Mesh(#[from] MeshError),
+    /// Prefetching could not be set up.
+    #[error("prefetch: {0}")]
+    Prefetch(#[from] crate::prefetch::PrefetchError),
 }
 
 /// Reads a trust root the operator provisioned (self-signed, threshold met).
@@ -133,6 +136,12 @@ pub struct ServeOptions {
     pub announce_every: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Fleet-private network key (TCP only).
+    pub psk: Option<crate::PreSharedKey>,
+    /// Kademlia discovery (provider records of the stored releases).
+    pub kademlia: bool,
+    /// Keep the live releases of a product from the coordinator; `None`: imports only.
+    pub prefetch: Option<crate::prefetch::PrefetchOptions>,
     /// Test only: serve bad chunks (a malicious peer).
     pub corrupt: Option<Corruption>,
 }
@@ -198,6 +207,8 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     config.trust_root = Some(root.clone());
     config.keypair = Some(key);
     config.max_upload_rate = opts.max_upload_rate;
+    config.psk = opts.psk;
+    config.kademlia = opts.kademlia;
     let provider: Arc<dyn ChunkProvider> = match opts.corrupt {
         Some(how) => Arc::new(Corrupting(store.clone(), how)),
         None => store.clone(),
@@ -213,16 +224,43 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
         println!("metrics on http://{}/metrics", listener.local_addr().map_or(addr, |a| a));
         tokio::spawn(serve_metrics(listener, mesh.clone(), store.clone()));
     }
+    if let Some(p) = opts.prefetch.clone() {
+        let prefetcher = crate::prefetch::Prefetcher::new(p.clone())?;
+        let (store, root) = (store.clone(), root.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(p.every);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                match prefetcher.run_once(&store, &root).await {
+                    Ok(r) => {
+                        for (version, chunks, fetched) in &r.stored {
+                            println!("prefetched {} {version}: {chunks} chunks, {fetched} downloaded", p.product);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "prefetch failed; retrying next round"),
+                }
+            }
+        });
+    }
     let mut every = tokio::time::interval(opts.stats_every);
     let mut announce = tokio::time::interval(opts.announce_every);
     announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut offered = 0u64;
+    let mut provided = std::collections::HashSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = announce.tick() => {
                 // Re-read each round: `flotilla-mesh import` may add releases while serving.
+                let s = store.clone();
+                let ids = tokio::task::spawn_blocking(move || s.release_ids()).await.unwrap_or_default();
+                for id in ids {
+                    if provided.insert(id) {
+                        mesh.provide(id).await?;
+                    }
+                }
                 let (s, r) = (store.clone(), root.clone());
                 let offers = tokio::task::spawn_blocking(move || s.offers(&r, Timestamp::now())).await.unwrap_or_default();
                 for offer in offers {

@@ -2,8 +2,10 @@
 //!
 //! Devices on the same site fetch the chunks they lack from nearby peers and go to the CDN
 //! only for what no peer has, with one peer per site fetching each chunk from the origin
-//! ([`rendezvous`]). Peers find each other through static bootstrap addresses and mDNS on the
-//! local network; gossipsub carries signed release announcements, verified against the
+//! ([`rendezvous`]). Peers talk over TCP (Noise, Yamux; optionally inside a fleet-private
+//! network with a pre-shared key) or QUIC, and find each other through static bootstrap
+//! addresses, mDNS on the local network and, beyond it, Kademlia provider records (one per
+//! release); gossipsub carries signed release announcements, verified against the
 //! fleet's trust root before anyone acts on them; `/flotilla/chunk/1` ([`protocol`]) carries
 //! chunk objects with explicit size limits, each verified against its BLAKE3 id before use.
 //! Peers are untrusted: a peer that sends a bad chunk is disconnected and banned for a while.
@@ -18,6 +20,7 @@
 //! - [`store`]: what a node serves ([`ChunkProvider`]) and the site cache's LRU store.
 //! - [`rendezvous`]: which peer of a site fetches a chunk from the origin.
 //! - [`cache`]: the `flotilla-mesh` site-cache commands.
+//! - [`prefetch`]: a site cache keeping a product's live releases from the coordinator.
 //!
 //! # Example
 //! ```no_run
@@ -39,12 +42,16 @@
 pub mod cache;
 pub mod node;
 pub mod offer;
+pub mod prefetch;
 pub mod protocol;
 pub mod rendezvous;
 pub mod store;
 
 pub use libp2p::multiaddr::Protocol;
+pub use libp2p::pnet::PreSharedKey;
 pub use libp2p::{Multiaddr, PeerId};
-pub use node::{Fetched, MAX_IN_FLIGHT_PER_PEER, Mesh, MeshConfig, MeshError, MeshStats, PeerInfo, Role};
+pub use node::{
+    Fetched, MAX_IN_FLIGHT_PER_PEER, Mesh, MeshConfig, MeshError, MeshStats, PeerInfo, Role, is_quic, load_psk,
+};
 pub use rendezvous::fetcher_for;
 pub use store::ChunkProvider;

@@ -34,13 +34,15 @@ struct StoreArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once at start; boxing buys nothing")]
 enum Command {
     /// Serve the store to peers.
     Serve {
         #[command(flatten)]
         store: StoreArgs,
-        /// Listen address (repeatable).
-        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4001")]
+        /// Listen address (repeatable; default /ip4/0.0.0.0/tcp/4001 and, without a
+        /// pre-shared key, /ip4/0.0.0.0/udp/4001/quic-v1).
+        #[arg(long)]
         listen: Vec<Multiaddr>,
         /// A peer to keep connected to, ending in /p2p/ID (repeatable).
         #[arg(long)]
@@ -48,6 +50,13 @@ enum Command {
         /// Do not discover peers with mDNS.
         #[arg(long)]
         no_mdns: bool,
+        /// Do not take part in Kademlia (provider records of the stored releases).
+        #[arg(long)]
+        no_kademlia: bool,
+        /// Fleet-private network: a go-ipfs style swarm.key file (`/key/swarm/psk/1.0.0/`,
+        /// `/base16/`, 64 hex digits); only peers with the same key connect. TCP only.
+        #[arg(long, env = "FLOTILLA_MESH_PSK_FILE")]
+        psk_file: Option<PathBuf>,
         /// Import this export (directory or .tar) before serving (repeatable).
         #[arg(long)]
         import: Vec<PathBuf>,
@@ -63,6 +72,23 @@ enum Command {
         /// Serve Prometheus metrics on this address (`GET /metrics`).
         #[arg(long, env = "FLOTILLA_MESH_METRICS")]
         metrics: Option<std::net::SocketAddr>,
+        /// Keep the live releases of a product from this coordinator (needs
+        /// --prefetch-product and a token: --prefetch-token-file or FLOTILLA_MESH_PREFETCH_TOKEN,
+        /// a `cache` token from `POST /v1/tokens`).
+        #[arg(long, env = "FLOTILLA_MESH_PREFETCH_FROM", requires = "prefetch_product")]
+        prefetch_from: Option<String>,
+        /// The product to prefetch.
+        #[arg(long, env = "FLOTILLA_MESH_PREFETCH_PRODUCT", requires = "prefetch_from")]
+        prefetch_product: Option<String>,
+        /// Only this channel (default: every channel of the product).
+        #[arg(long, env = "FLOTILLA_MESH_PREFETCH_CHANNEL")]
+        prefetch_channel: Option<String>,
+        /// A file holding the coordinator token (read once at start).
+        #[arg(long, env = "FLOTILLA_MESH_PREFETCH_TOKEN_FILE")]
+        prefetch_token_file: Option<PathBuf>,
+        /// How often to look for new releases.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        prefetch_every: Duration,
         /// Tests only: serve bad chunks.
         #[arg(long, hide = true, env = "FLOTILLA_MESH_TEST_CORRUPT")]
         test_corrupt: Option<cache::Corruption>,
@@ -89,13 +115,53 @@ async fn main() -> anyhow::Result<()> {
             listen,
             bootstrap,
             no_mdns,
+            no_kademlia,
+            psk_file,
             import,
             stats_every,
             announce_every,
             max_upload_rate,
             metrics,
+            prefetch_from,
+            prefetch_product,
+            prefetch_channel,
+            prefetch_token_file,
+            prefetch_every,
             test_corrupt,
         } => {
+            let prefetch = match (prefetch_from, prefetch_product) {
+                (Some(url), Some(product)) => {
+                    let token = match (prefetch_token_file, std::env::var("FLOTILLA_MESH_PREFETCH_TOKEN")) {
+                        (Some(path), _) => std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading the prefetch token {}", path.display()))?
+                            .trim()
+                            .to_owned(),
+                        (None, Ok(t)) => t,
+                        (None, Err(_)) => anyhow::bail!(
+                            "--prefetch-from needs a token: --prefetch-token-file or FLOTILLA_MESH_PREFETCH_TOKEN \
+                             (an admin makes one with POST /v1/tokens {{\"scope\": \"cache\", \"product\": ...}})"
+                        ),
+                    };
+                    Some(flotilla_mesh::prefetch::PrefetchOptions {
+                        url,
+                        token,
+                        product,
+                        channel: prefetch_channel,
+                        every: prefetch_every,
+                    })
+                }
+                _ => None,
+            };
+            let psk = psk_file.as_deref().map(flotilla_mesh::load_psk).transpose()?;
+            let listen = if listen.is_empty() {
+                let mut l = vec!["/ip4/0.0.0.0/tcp/4001".parse()?];
+                if psk.is_none() {
+                    l.push("/ip4/0.0.0.0/udp/4001/quic-v1".parse()?);
+                }
+                l
+            } else {
+                listen
+            };
             let opts = ServeOptions {
                 store: store.store,
                 max_bytes: store.max_bytes,
@@ -103,6 +169,9 @@ async fn main() -> anyhow::Result<()> {
                 listen,
                 bootstrap,
                 mdns: !no_mdns,
+                kademlia: !no_kademlia,
+                prefetch,
+                psk,
                 import,
                 stats_every,
                 max_upload_rate,

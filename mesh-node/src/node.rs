@@ -1,8 +1,9 @@
 //! The mesh node: a [`Mesh`] handle and the actor that owns the libp2p swarm.
 //!
-//! The actor runs the swarm (TCP, Noise, Yamux; identify; mDNS; gossipsub; the chunk
-//! protocol; connection limits and a block list for bans) and answers commands from the
-//! handle. Serving reads the [`ChunkProvider`] on a blocking thread, at most
+//! The actor runs the swarm (TCP with Noise and Yamux, optionally inside a fleet-private
+//! network (pnet); QUIC; identify; mDNS; Kademlia with one provider record per release;
+//! gossipsub; the chunk protocol; connection limits and a block list for bans) and answers
+//! commands from the handle. Serving reads the [`ChunkProvider`] on a blocking thread, at most
 //! [`MeshConfig::max_uploads`] at a time (beyond that peers are told `Busy`). Fetching asks
 //! one peer at a time per call, the fastest free one first, with at most
 //! [`MAX_IN_FLIGHT_PER_PEER`] requests per peer; callers fetch many chunks in parallel, so
@@ -20,6 +21,7 @@ use flotilla_core::manifest::VerifiedManifest;
 use flotilla_core::trust::TrustRoot;
 use futures::StreamExt as _;
 use libp2p::multiaddr::Protocol;
+use libp2p::pnet::PreSharedKey;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, gossipsub, identity};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -47,6 +49,12 @@ const TICK: Duration = Duration::from_secs(1);
 const UNMEASURED_BPS: f64 = 64e6;
 /// identify's protocol string: peers of another fleet protocol are not our peers.
 const IDENTIFY_PROTOCOL: &str = "/flotilla/id/1";
+/// Kademlia's protocol: Flotilla's own DHT, not the public IPFS one.
+pub const KAD_PROTOCOL: &str = "/flotilla/kad/1";
+/// Providers of a release dialled at most per lookup (a lookup can return forged records).
+const MAX_PROVIDERS_DIALLED: usize = 16;
+/// How often a node fetching a release looks its providers up again.
+const PROVIDER_LOOKUP_EVERY: Duration = Duration::from_secs(10);
 
 /// What a node is; peers learn it through identify's agent version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,16 +113,23 @@ pub struct MeshConfig {
     pub trust_root: Option<TrustRoot>,
     /// The node's identity; `None`: a new one each start.
     pub keypair: Option<identity::Keypair>,
+    /// Fleet-private network: only peers holding this pre-shared key can connect (libp2p
+    /// pnet, a XSalsa20 layer under Noise). TCP only: QUIC addresses are refused with a key.
+    pub psk: Option<PreSharedKey>,
+    /// Find peers of a release beyond the local network with Kademlia (server mode; one
+    /// provider record per release, not per chunk).
+    pub kademlia: bool,
 }
 
 impl MeshConfig {
-    /// Defaults for `role`: listen on every IPv4 address on a random TCP port, mDNS on,
-    /// 64 connections, 8 uploads at once (4 per peer), no upload rate cap, bans of 10
-    /// minutes, 30 s per request.
+    /// Defaults for `role`: listen on every IPv4 address on a random TCP port and a random
+    /// UDP port (QUIC), mDNS and Kademlia on, 64 connections, 8 uploads at once (4 per peer),
+    /// no upload rate cap, bans of 10 minutes, 30 s per request, no pre-shared key.
     pub fn new(role: Role) -> Self {
+        let any = Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED);
         Self {
             role,
-            listen: vec![Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED).with(Protocol::Tcp(0))],
+            listen: vec![any.clone().with(Protocol::Tcp(0)), any.with(Protocol::Udp(0)).with(Protocol::QuicV1)],
             bootstrap: Vec::new(),
             mdns: true,
             max_connections: 64,
@@ -125,8 +140,51 @@ impl MeshConfig {
             request_timeout: Duration::from_secs(30),
             trust_root: None,
             keypair: None,
+            psk: None,
+            kademlia: true,
         }
     }
+
+    /// Checks what no transport would: a pre-shared key with a QUIC address (pnet cannot
+    /// wrap QUIC, so such a node would talk to peers outside the private network).
+    ///
+    /// # Errors
+    /// [`MeshError::Start`] naming the address.
+    pub fn validate(&self) -> Result<(), MeshError> {
+        if self.psk.is_some()
+            && let Some(a) = self.listen.iter().chain(&self.bootstrap).find(|a| is_quic(a))
+        {
+            return Err(MeshError::Start(format!(
+                "{a}: a fleet-private network (pre-shared key) runs over TCP only; use a /tcp/ address"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `addr` is a QUIC address.
+pub fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
+/// Reads a pre-shared key file in the go-ipfs `swarm.key` format
+/// (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex digits).
+///
+/// # Errors
+/// [`MeshError::Start`] naming the file and what is wrong.
+pub fn load_psk(path: &std::path::Path) -> Result<PreSharedKey, MeshError> {
+    let meta = std::fs::metadata(path).map_err(|e| MeshError::Start(format!("{}: {e}", path.display())))?;
+    // A key file is three short lines; refuse to read anything else into memory.
+    if meta.len() > 1024 {
+        return Err(MeshError::Start(format!("{}: not a pre-shared key file (over 1 KiB)", path.display())));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| MeshError::Start(format!("{}: {e}", path.display())))?;
+    text.parse().map_err(|e| {
+        MeshError::Start(format!(
+            "{}: not a pre-shared key file ({e}); expected /key/swarm/psk/1.0.0/, /base16/ and 64 hex digits",
+            path.display()
+        ))
+    })
 }
 
 /// Why the mesh could not start or do something.
@@ -170,6 +228,7 @@ struct Counters {
     fetched_bytes: AtomicU64,
     bad_chunks: AtomicU64,
     bans: AtomicU64,
+    failed_connections: AtomicU64,
 }
 
 /// A snapshot of a node's counters.
@@ -189,6 +248,9 @@ pub struct MeshStats {
     pub bad_chunks: u64,
     /// Peers banned.
     pub bans: u64,
+    /// Connections that failed before they were established (either way): unreachable
+    /// peers, failed handshakes (another fleet's key), refused by limits.
+    pub failed_connections: u64,
     /// Peers connected now.
     pub peers: u64,
 }
@@ -223,6 +285,7 @@ enum Command {
     Announce { envelope: Vec<u8>, offer: bool, reply: oneshot::Sender<Result<(), MeshError>> },
     Release { req: ReleaseRequest, peer: PeerId, reply: actor::ReleaseReply },
     Track { release: Option<actor::Tracked> },
+    Provide { index: IndexId },
 }
 
 /// What one peer answered.
@@ -255,6 +318,7 @@ impl std::fmt::Debug for Command {
             Self::Announce { .. } => "Announce",
             Self::Release { .. } => "Release",
             Self::Track { .. } => "Track",
+            Self::Provide { .. } => "Provide",
         })
     }
 }
@@ -266,26 +330,27 @@ impl Mesh {
     /// # Errors
     /// [`MeshError::Start`].
     pub async fn start(config: MeshConfig, provider: Arc<dyn ChunkProvider>) -> Result<Self, MeshError> {
+        config.validate()?;
         let key = config.keypair.clone().unwrap_or_else(identity::Keypair::generate_ed25519);
         let local = key.public().to_peer_id();
         let mut swarm = actor::build_swarm(&config, key)?;
-        let mut waiting = config.listen.len();
+        let mut waiting = HashSet::new();
         for addr in &config.listen {
-            swarm.listen_on(addr.clone()).map_err(|e| MeshError::Start(format!("listening on {addr}: {e}")))?;
+            let id =
+                swarm.listen_on(addr.clone()).map_err(|e| MeshError::Start(format!("listening on {addr}: {e}")))?;
+            waiting.insert(id);
         }
         // Wait for the listeners so callers can print and hand out real addresses.
         let mut addrs = Vec::new();
         let started = Instant::now();
-        while waiting > 0 {
+        while !waiting.is_empty() {
             let ev = tokio::time::timeout(Duration::from_secs(10).saturating_sub(started.elapsed()), swarm.next())
                 .await
                 .map_err(|_| MeshError::Start("listeners did not come up".into()))?;
             match ev {
-                Some(SwarmEvent::NewListenAddr { address, .. }) => {
-                    // One listener on 0.0.0.0 reports every interface; count the listener once.
-                    if addrs.is_empty() || !addrs.iter().any(|a: &Multiaddr| same_listener(a, &address)) {
-                        waiting = waiting.saturating_sub(1);
-                    }
+                Some(SwarmEvent::NewListenAddr { listener_id, address }) => {
+                    // One listener on 0.0.0.0 reports every interface; the first one will do.
+                    waiting.remove(&listener_id);
                     addrs.push(address);
                 }
                 Some(SwarmEvent::ListenerError { error, .. }) => return Err(MeshError::Start(error.to_string())),
@@ -407,6 +472,16 @@ impl Mesh {
             None => Ok(first),
             some => Ok(some),
         }
+    }
+
+    /// Says that this node holds release `index` (all of it, or the part its have-map
+    /// tells): a Kademlia provider record, so nodes beyond the local network find it.
+    /// Tracking a release ([`Mesh::track`]) provides it too.
+    ///
+    /// # Errors
+    /// [`MeshError::Stopped`].
+    pub async fn provide(&self, index: IndexId) -> Result<(), MeshError> {
+        self.send(Command::Provide { index }).await
     }
 
     /// Fetches chunk `id` (`len` bytes) from peers: the fastest free peer first, the next
@@ -552,6 +627,7 @@ impl Mesh {
             fetched_bytes: g(&c.fetched_bytes),
             bad_chunks: g(&c.bad_chunks),
             bans: g(&c.bans),
+            failed_connections: g(&c.failed_connections),
             peers,
         })
     }
@@ -559,16 +635,6 @@ impl Mesh {
     async fn send(&self, cmd: Command) -> Result<(), MeshError> {
         self.tx.send(cmd).await.map_err(|_| MeshError::Stopped)
     }
-}
-
-fn same_listener(a: &Multiaddr, b: &Multiaddr) -> bool {
-    let port = |m: &Multiaddr| {
-        m.iter().find_map(|p| match p {
-            Protocol::Tcp(port) => Some(port),
-            _ => None,
-        })
-    };
-    port(a) == port(b)
 }
 
 #[cfg(test)]
@@ -772,6 +838,138 @@ mod tests {
         assert_eq!(halfp.misses.load(Ordering::Relaxed), 0, "the half peer was asked for a chunk it lacks");
         assert!(b.stats().await.unwrap().served_chunks > 0, "the half peer was not used at all");
         assert_eq!(full.misses.load(Ordering::Relaxed), 0);
+    }
+
+    fn memory(data: &[u8]) -> Arc<Memory> {
+        let chunks = Mutex::new(HashMap::from([(ChunkId::of(data), object::encode(data, 1))]));
+        Arc::new(Memory { chunks, corrupt: false })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peers_exchange_chunks_over_quic() {
+        let data: Vec<u8> = (0..80_000u32).map(|i| (i % 241) as u8).collect();
+        let quic: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
+        // Both nodes listen on QUIC only: the one connection they make is QUIC.
+        let mut config = loopback(Role::Cache);
+        config.listen = vec![quic.clone()];
+        let server = Mesh::start(config, memory(&data)).await.unwrap();
+        let addrs = server.listen_addrs().await.unwrap();
+        assert!(addrs.iter().all(is_quic), "{addrs:?}");
+        let mut config = loopback(Role::Agent);
+        config.listen = vec![quic];
+        config.bootstrap = vec![addrs[0].clone()];
+        let client = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+        let peers = client.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(peers.iter().map(|p| (p.id, p.role)).collect::<Vec<_>>(), [(server.peer_id(), Some(Role::Cache))]);
+        let got = client.fetch(ChunkId::of(&data), data.len() as u32).await.unwrap();
+        assert_eq!((got.data, got.peer), (data, server.peer_id()));
+    }
+
+    /// Waits until `mesh` counts a failed connection (the handshake with a peer outside its
+    /// private network), then returns its stats.
+    async fn after_a_failed_connection(mesh: &Mesh) -> MeshStats {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = mesh.stats().await.unwrap();
+            if stats.failed_connections > 0 {
+                return stats;
+            }
+            assert!(Instant::now() < deadline, "no connection failed: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_private_network_admits_only_holders_of_its_key() {
+        let data: Vec<u8> = (0..60_000u32).map(|i| (i % 239) as u8).collect();
+        let (id, len) = (ChunkId::of(&data), data.len() as u32);
+        let fleet = PreSharedKey::new([7; 32]);
+        let mut config = loopback(Role::Cache);
+        config.psk = Some(fleet);
+        let server = Mesh::start(config, memory(&data)).await.unwrap();
+        let addr = server.listen_addrs().await.unwrap()[0].clone();
+
+        // Same key: connects and fetches.
+        let mut config = loopback(Role::Agent);
+        config.psk = Some(fleet);
+        config.bootstrap = vec![addr.clone()];
+        let member = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+        member.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(member.fetch(id, len).await.unwrap().data, data);
+
+        // Another fleet's key, or none at all: the handshake fails, nothing is exchanged.
+        for psk in [Some(PreSharedKey::new([8; 32])), None] {
+            let mut config = loopback(Role::Agent);
+            config.psk = psk;
+            config.bootstrap = vec![addr.clone()];
+            let outsider = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+            let stats = after_a_failed_connection(&outsider).await;
+            assert_eq!(stats.peers, 0, "{psk:?}: {stats:?}");
+            assert!(matches!(outsider.fetch(id, len).await, Err(MeshError::NotFound { asked: 0, .. })));
+        }
+        assert_eq!(server.stats().await.unwrap().served_chunks, 1, "only the member was served");
+
+        // QUIC cannot be wrapped by the private network: refused before anything listens.
+        let mut config = loopback(Role::Agent);
+        config.psk = Some(fleet);
+        config.listen.push("/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap());
+        let e = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap_err();
+        assert!(e.to_string().contains("TCP only"), "{e}");
+    }
+
+    #[test]
+    fn pre_shared_key_files_are_parsed_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("swarm.key");
+        let key = PreSharedKey::new([0xab; 32]);
+        std::fs::write(&good, key.to_key_file()).unwrap();
+        assert_eq!(load_psk(&good).unwrap().fingerprint().to_string(), key.fingerprint().to_string());
+        let bad = dir.path().join("bad.key");
+        std::fs::write(&bad, "/key/swarm/psk/1.0.0/\n/base16/\nnot hex\n").unwrap();
+        assert!(load_psk(&bad).unwrap_err().to_string().contains("not a pre-shared key file"));
+        let big = dir.path().join("big.key");
+        std::fs::write(&big, vec![b'a'; 4096]).unwrap();
+        assert!(load_psk(&big).unwrap_err().to_string().contains("over 1 KiB"));
+        assert!(load_psk(&dir.path().join("missing")).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kademlia_finds_a_release_holder_beyond_the_bootstrap_peer() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let index = flotilla_core::chunking::Chunker::new(flotilla_core::chunking::ChunkParams::BUNDLE)
+            .chunk_reader(&data[..])
+            .unwrap()
+            .index;
+        let chunks = index
+            .iter_with_offsets()
+            .map(|(off, e)| (e.id, object::encode(&data[off as usize..][..e.len as usize], 1)))
+            .collect();
+        // A rendezvous node that holds nothing, and a holder and a fetcher that know only it
+        // (no mDNS): only a provider record can bring the two together.
+        let hub = Mesh::start(loopback(Role::Cache), Arc::new(crate::store::NoChunks)).await.unwrap();
+        let hub_addr = hub.listen_addrs().await.unwrap()[0].clone();
+        let mut config = loopback(Role::Agent);
+        config.bootstrap = vec![hub_addr.clone()];
+        let holder =
+            Mesh::start(config, Arc::new(Memory { chunks: Mutex::new(chunks), corrupt: false })).await.unwrap();
+        holder.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+        holder.provide(index.id()).await.unwrap();
+
+        let mut config = loopback(Role::Agent);
+        config.bootstrap = vec![hub_addr];
+        let fetcher = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+        fetcher.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+        fetcher.track(Some(&index)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !fetcher.peers().await.unwrap().iter().any(|p| p.id == holder.peer_id()) {
+            assert!(Instant::now() < deadline, "the holder was not found through Kademlia");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for e in index.entries() {
+            let got = fetcher.fetch(e.id, e.len).await.unwrap();
+            assert_eq!((ChunkId::of(&got.data), got.peer), (e.id, holder.peer_id()));
+        }
+        assert_eq!(hub.stats().await.unwrap().served_chunks, 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

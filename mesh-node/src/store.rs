@@ -305,23 +305,53 @@ impl DiskStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_err(&directive_path)(e)),
         };
-        let mut report = self.import_verified(export, &m)?;
+        let (mut report, index_bytes) = self.import_verified(export, &m)?;
         // The release is kept (and offered, with a directive) only once all its chunks are in.
-        let rel = self.release_dir(&m.manifest().index.id);
-        std::fs::create_dir_all(&rel).map_err(io_err(&rel))?;
-        let index_src = export.join("index.bin");
-        std::fs::copy(&index_src, rel.join("index.bin")).map_err(io_err(&index_src))?;
-        if let Some((bytes, bp)) = directive {
-            // An older directive of the same release is replaced: the newest import wins.
-            write_file(&rel.join(DIRECTIVE_FILE), &bytes)?;
-            report.directive_basis_points = Some(bp);
-        }
-        write_file(&rel.join("manifest.json"), &envelope)?;
+        // An older directive of the same release is replaced: the newest import wins.
+        self.record_release(&m.manifest().index.id, &envelope, &index_bytes, directive.as_ref().map(|d| &d.0[..]))?;
+        report.directive_basis_points = directive.map(|d| d.1);
         Ok(report)
+    }
+
+    /// Records release `index` as stored whole: its index and its signed manifest (the
+    /// caller verified both and stored every chunk), after which it is served and provided.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn add_release(&self, index: &IndexId, envelope: &[u8], index_bytes: &[u8]) -> Result<(), StoreError> {
+        self.record_release(index, envelope, index_bytes, None)
+    }
+
+    fn record_release(
+        &self,
+        index: &IndexId,
+        envelope: &[u8],
+        index_bytes: &[u8],
+        directive: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let rel = self.release_dir(index);
+        std::fs::create_dir_all(&rel).map_err(io_err(&rel))?;
+        write_file(&rel.join("index.bin"), index_bytes)?;
+        if let Some(bytes) = directive {
+            write_file(&rel.join(DIRECTIVE_FILE), bytes)?;
+        }
+        // The manifest last: a release directory with a manifest is complete.
+        write_file(&rel.join("manifest.json"), envelope)
+    }
+
+    /// Whether release `index` is stored whole (imported or prefetched).
+    pub fn has_release(&self, index: &IndexId) -> bool {
+        self.release_dir(index).join("manifest.json").is_file() && self.stored_index(index).is_some()
     }
 
     fn release_dir(&self, id: &IndexId) -> PathBuf {
         self.dir.join("releases").join(id.to_hex())
+    }
+
+    /// The releases stored whole (imported or prefetched), by index id.
+    pub fn release_ids(&self) -> Vec<IndexId> {
+        let Ok(dirs) = std::fs::read_dir(self.dir.join("releases")) else { return Vec::new() };
+        dirs.flatten().filter_map(|d| d.file_name().to_str()?.parse().ok()).filter(|id| self.has_release(id)).collect()
     }
 
     /// Encoded offers ([`crate::offer`]) of the imported releases that came with a directive
@@ -344,7 +374,7 @@ impl DiskStore {
         out
     }
 
-    fn import_verified(&self, export: &Path, m: &VerifiedManifest) -> Result<ImportReport, StoreError> {
+    fn import_verified(&self, export: &Path, m: &VerifiedManifest) -> Result<(ImportReport, Vec<u8>), StoreError> {
         let index_path = export.join("index.bin");
         let index_bytes = std::fs::read(&index_path).map_err(io_err(&index_path))?;
         let index = m.check_index(&index_bytes)?;
@@ -370,7 +400,7 @@ impl DiskStore {
                 report.added += 1;
             }
         }
-        Ok(report)
+        Ok((report, index_bytes))
     }
 }
 

@@ -12,13 +12,17 @@ use futures::StreamExt as _;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, allow_block_list, connection_limits, gossipsub, identify, identity, mdns};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, Transport as _, allow_block_list, connection_limits, gossipsub, identify,
+    identity, kad, mdns,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Answer, Command, Counters, IDENTIFY_PROTOCOL, MAX_ANNOUNCEMENT_LEN, MAX_IN_FLIGHT_PER_PEER, MeshConfig, MeshError,
-    PeerInfo, Role, TICK, UNMEASURED_BPS,
+    Answer, Command, Counters, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_ANNOUNCEMENT_LEN, MAX_IN_FLIGHT_PER_PEER,
+    MAX_PROVIDERS_DIALLED, MeshConfig, MeshError, PROVIDER_LOOKUP_EVERY, PeerInfo, Role, TICK, UNMEASURED_BPS,
 };
 use crate::offer::VerifiedOffer;
 use crate::protocol::{
@@ -58,6 +62,9 @@ pub(super) fn spawn(p: Parts) {
         listen_addrs: p.listen_addrs,
         release_pending: HashMap::new(),
         tracked: None,
+        provided: HashSet::new(),
+        routing_changed: false,
+        last_lookup: None,
         peers: HashMap::new(),
         banned: HashMap::new(),
         pending: HashMap::new(),
@@ -70,6 +77,11 @@ pub(super) fn spawn(p: Parts) {
         served_rx,
     };
     for addr in actor.config.bootstrap.clone() {
+        // Bootstrap peers seed Kademlia's routing table too.
+        if let (Some(kad), Some(Protocol::P2p(peer))) = (actor.swarm.behaviour_mut().kad.as_mut(), addr.iter().last()) {
+            let plain: Multiaddr = addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+            kad.add_address(&peer, plain);
+        }
         actor.dial(addr);
     }
     tokio::spawn(async move { actor.run().await });
@@ -81,71 +93,106 @@ pub(super) struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     identify: identify::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     pub(super) gossipsub: gossipsub::Behaviour,
     chunks: request_response::Behaviour<ChunkCodec>,
     release: request_response::Behaviour<ReleaseCodec>,
 }
 
+/// Builds the swarm: TCP (inside the fleet-private network when a pre-shared key is set) and,
+/// without a key, QUIC; then the behaviours.
 pub(super) fn build_swarm(config: &MeshConfig, key: identity::Keypair) -> Result<Swarm<Behaviour>, MeshError> {
     let start = |e: &dyn std::fmt::Display| MeshError::Start(e.to_string());
-    let mdns_on = config.mdns;
-    let role = config.role;
+    let tcp = || libp2p::tcp::Config::default().nodelay(true);
+    // Peers stay connected between releases so have-state and gossip keep flowing.
+    let swarm_config = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(300));
+    let builder = libp2p::SwarmBuilder::with_existing_identity(key).with_tokio();
+    let swarm = match config.psk {
+        // pnet wraps the raw TCP stream before Noise; QUIC brings its own TLS and cannot be
+        // wrapped, so a private network has no QUIC (MeshConfig::validate refuses the addresses).
+        Some(psk) => builder
+            .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(libp2p::tcp::tokio::Transport::new(tcp())
+                    .and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket))
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(libp2p::noise::Config::new(key)?)
+                    .multiplex(libp2p::yamux::Config::default()))
+            })
+            .map_err(|e| start(&e))?
+            .with_behaviour(|key| behaviour(config, key))
+            .map_err(|e| start(&e))?
+            .with_swarm_config(swarm_config)
+            .build(),
+        None => builder
+            .with_tcp(tcp(), libp2p::noise::Config::new, libp2p::yamux::Config::default)
+            .map_err(|e| start(&e))?
+            .with_quic()
+            .with_behaviour(|key| behaviour(config, key))
+            .map_err(|e| start(&e))?
+            .with_swarm_config(swarm_config)
+            .build(),
+    };
+    Ok(swarm)
+}
+
+fn behaviour(
+    config: &MeshConfig,
+    key: &identity::Keypair,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer_id = key.public().to_peer_id();
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(config.max_connections))
         .with_max_established_per_peer(Some(2))
         .with_max_pending_incoming(Some(config.max_connections));
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .max_transmit_size(MAX_ANNOUNCEMENT_LEN)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .build()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)
+        .map_err(std::io::Error::other)?;
+    let mdns = if config.mdns { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
+    let kad = config.kademlia.then(|| {
+        let mut kad = kad::Behaviour::with_config(
+            peer_id,
+            kad::store::MemoryStore::new(peer_id),
+            kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
+        );
+        // On a LAN no external address is ever confirmed, so Kademlia would stay a client
+        // (DESIGN.md): every node answers queries.
+        kad.set_mode(Some(kad::Mode::Server));
+        kad
+    });
     let request_timeout = config.request_timeout;
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default().nodelay(true),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .map_err(|e| start(&e))?
-        .with_behaviour(|key| {
-            let peer_id = key.public().to_peer_id();
-            let gossip_config = gossipsub::ConfigBuilder::default()
-                .max_transmit_size(MAX_ANNOUNCEMENT_LEN)
-                .validation_mode(gossipsub::ValidationMode::Strict)
-                .validate_messages()
-                .build()
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let gossipsub =
-                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)
-                    .map_err(std::io::Error::other)?;
-            let mdns =
-                if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
-            Ok(Behaviour {
-                limits: connection_limits::Behaviour::new(limits),
-                blocked: allow_block_list::Behaviour::default(),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                        .with_agent_version(role.agent_version()),
-                ),
-                mdns: mdns.into(),
-                gossipsub,
-                chunks: request_response::Behaviour::with_codec(
-                    ChunkCodec,
-                    [(PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default()
-                        .with_request_timeout(request_timeout)
-                        .with_max_concurrent_streams(64),
-                ),
-                release: request_response::Behaviour::with_codec(
-                    ReleaseCodec,
-                    [(RELEASE_PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default()
-                        .with_request_timeout(request_timeout)
-                        .with_max_concurrent_streams(16),
-                ),
-            })
-        })
-        .map_err(|e| start(&e))?
-        // Peers stay connected between releases so have-state and gossip keep flowing.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-        .build();
-    Ok(swarm)
+    Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        blocked: allow_block_list::Behaviour::default(),
+        identify: identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                .with_agent_version(config.role.agent_version()),
+        ),
+        mdns: mdns.into(),
+        kad: kad.into(),
+        gossipsub,
+        chunks: request_response::Behaviour::with_codec(
+            ChunkCodec,
+            [(PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(request_timeout).with_max_concurrent_streams(64),
+        ),
+        release: request_response::Behaviour::with_codec(
+            ReleaseCodec,
+            [(RELEASE_PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(request_timeout).with_max_concurrent_streams(16),
+        ),
+    })
+}
+
+/// The Kademlia key of a release: one provider record per release, not per chunk.
+fn release_key(index: &flotilla_core::ids::IndexId) -> kad::RecordKey {
+    let mut key = b"flotilla/release/".to_vec();
+    key.extend_from_slice(index.as_bytes());
+    kad::RecordKey::new(&key)
 }
 
 #[derive(Debug)]
@@ -196,6 +243,12 @@ struct MeshActor {
     release_pending: HashMap<OutboundRequestId, ReleaseWait>,
     /// The release this node is fetching, with its peers' have-maps.
     tracked: Option<Tracked>,
+    /// Releases this node announced as a Kademlia provider of.
+    provided: HashSet<flotilla_core::ids::IndexId>,
+    /// New peers entered the routing table since provider records were last published.
+    routing_changed: bool,
+    /// When the tracked release's providers were last looked up.
+    last_lookup: Option<Instant>,
     peers: HashMap<PeerId, PeerState>,
     banned: HashMap<PeerId, Instant>,
     pending: HashMap<OutboundRequestId, Pending>,
@@ -247,6 +300,15 @@ impl Tracked {
         let bits = self.haves.get(peer)?;
         Some(bits.get(pos / 8).is_some_and(|b| b >> (pos % 8) & 1 == 1))
     }
+}
+
+/// Whether an address a peer reports can be dialled by others (not `0.0.0.0` or `::`).
+fn is_dialable(addr: &Multiaddr) -> bool {
+    addr.iter().all(|p| match p {
+        Protocol::Ip4(ip) => !ip.is_unspecified(),
+        Protocol::Ip6(ip) => !ip.is_unspecified(),
+        _ => true,
+    })
 }
 
 impl MeshActor {
@@ -307,6 +369,70 @@ impl MeshActor {
             self.dial(addr);
         }
         self.refresh_haves();
+        self.kademlia_tick();
+    }
+
+    /// Publishes this node's provider records again when new peers joined the routing table
+    /// (a record published with no peer around reached nobody), and looks the tracked
+    /// release's providers up again every [`PROVIDER_LOOKUP_EVERY`] or when the table grew.
+    fn kademlia_tick(&mut self) {
+        let changed = std::mem::take(&mut self.routing_changed);
+        if changed {
+            for index in self.provided.clone() {
+                self.provide(index);
+            }
+        }
+        let due = self.last_lookup.is_none_or(|t| t.elapsed() >= PROVIDER_LOOKUP_EVERY);
+        if let Some(t) = &self.tracked
+            && (changed || due)
+        {
+            let index = t.index;
+            self.lookup_providers(index);
+        }
+    }
+
+    fn provide(&mut self, index: flotilla_core::ids::IndexId) {
+        let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() else { return };
+        self.provided.insert(index);
+        if let Err(e) = kad.start_providing(release_key(&index)) {
+            tracing::warn!(%index, error = %e, "cannot provide the release on Kademlia");
+        }
+    }
+
+    fn lookup_providers(&mut self, index: flotilla_core::ids::IndexId) {
+        let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() else { return };
+        kad.get_providers(release_key(&index));
+        self.last_lookup = Some(Instant::now());
+    }
+
+    fn kad_event(&mut self, ev: kad::Event) {
+        match ev {
+            kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })),
+                ..
+            } => {
+                let local = *self.swarm.local_peer_id();
+                // Dialled while the query still knows their addresses. Records are unverified
+                // (anyone can claim a release), hence the bound; what they serve is verified.
+                let new: Vec<PeerId> = providers
+                    .into_iter()
+                    .filter(|p| *p != local && !self.peers.contains_key(p) && !self.banned.contains_key(p))
+                    .take(MAX_PROVIDERS_DIALLED)
+                    .collect();
+                for peer in new {
+                    tracing::debug!(%peer, "dialling a provider of the tracked release");
+                    let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %e, "dialling a provider failed");
+                    }
+                }
+            }
+            kad::Event::RoutingUpdated { is_new_peer: true, peer, .. } => {
+                tracing::debug!(%peer, "new peer in the Kademlia routing table");
+                self.routing_changed = true;
+            }
+            _ => {}
+        }
     }
 
     /// Asks every connected peer for its have-map of the tracked release (one request per
@@ -354,9 +480,16 @@ impl MeshActor {
                 let _ = reply.send(r);
             }
             Command::Track { release } => {
+                let index = release.as_ref().map(|t| t.index);
                 self.tracked = release;
                 self.refresh_haves();
+                if let Some(index) = index {
+                    // A node fetching a release serves what it has of it (have-maps tell what).
+                    self.provide(index);
+                    self.lookup_providers(index);
+                }
             }
+            Command::Provide { index } => self.provide(index),
             Command::Release { req, peer, reply } => {
                 if self.banned.contains_key(&peer) || !self.peers.contains_key(&peer) {
                     let _ = reply.send((peer, None));
@@ -388,13 +521,12 @@ impl MeshActor {
             .filter(|(p, _)| !q.exclude.contains(p) && !self.banned.contains_key(p) && !asked.contains(p))
             .collect();
         let holds = |p: &PeerId| self.tracked.as_ref().and_then(|t| t.holds(p, &q.req.id));
-        // Peers whose have-map lacks the chunk are not asked, unless nobody else is left
-        // (their maps may be a moment old).
-        let mut candidates: Vec<(&PeerId, &PeerState)> =
+        // Peers whose have-map lacks the chunk are not asked: when no peer holds it the
+        // answer is "not found" at once, without a round of requests that all fail (the
+        // caller asks again later, and maps are refreshed every second). Asking everyone
+        // anyway made a site of waiting agents flood each other with requests.
+        let candidates: Vec<(&PeerId, &PeerState)> =
             all.iter().filter(|(p, _)| holds(p) != Some(false)).copied().collect();
-        if candidates.is_empty() {
-            candidates = all;
-        }
         if candidates.is_empty() {
             let _ = q.reply.send(None);
             return;
@@ -464,6 +596,15 @@ impl MeshActor {
                 if let Some(s) = self.peers.get_mut(&peer_id) {
                     s.role = role;
                 }
+                // A Flotilla peer's listen addresses go into Kademlia's routing table.
+                if role.is_some()
+                    && info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL)
+                    && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
+                {
+                    for addr in info.listen_addrs.into_iter().filter(is_dialable) {
+                        kad.add_address(&peer_id, addr);
+                    }
+                }
                 tracing::debug!(peer = %peer_id, agent = %info.agent_version, "peer identified");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
@@ -477,6 +618,7 @@ impl MeshActor {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(_))) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => self.gossip_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(ev)) => self.kad_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Limits(v)) | SwarmEvent::Behaviour(BehaviourEvent::Blocked(v)) => {
                 match v {}
             }
@@ -513,9 +655,13 @@ impl MeshActor {
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| a != &address),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                self.counters.failed_connections.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
-            SwarmEvent::IncomingConnectionError { error, .. } => tracing::debug!(%error, "incoming connection failed"),
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                self.counters.failed_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%error, "incoming connection failed");
+            }
             SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
             SwarmEvent::ListenerClosed { addresses, .. } => self.listen_addrs.retain(|a| !addresses.contains(a)),
             // Dialing, IncomingConnection, NewExternalAddrCandidate, external address

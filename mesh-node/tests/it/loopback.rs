@@ -1,5 +1,6 @@
 //! On loopback, with static bootstrap peers: a site cache serving an imported export to
-//! three agents, a malicious cache, and an agent on its own.
+//! three agents, a malicious cache, an agent on its own, a fleet-private network, QUIC, and a
+//! holder found through Kademlia.
 
 use std::time::Duration;
 
@@ -111,9 +112,15 @@ fn free_port() -> u16 {
 /// A daemon agent that installs the release alone from the CDN, then stays up serving it
 /// on `127.0.0.1:<port>`; returns it, its process and its address.
 fn seeded_daemon(s: &Site, id: &str) -> (Agent, std::process::Child, String) {
+    seeded_daemon_with(s, id, "")
+}
+
+/// [`seeded_daemon`] with `extra` lines in its `[mesh]` section.
+fn seeded_daemon_with(s: &Site, id: &str, extra: &str) -> (Agent, std::process::Child, String) {
     let root = s.publisher.path("root.json");
     let port = free_port();
-    let mesh = format!("enabled = true\nmdns = false\nlisten = [\"/ip4/127.0.0.1/tcp/{port}\"]\ndeadline = \"1h\"\n");
+    let mesh =
+        format!("enabled = true\nmdns = false\nlisten = [\"/ip4/127.0.0.1/tcp/{port}\"]\ndeadline = \"1h\"\n{extra}");
     let agent = Agent::with_mesh(&s.coord, &root, id, &mesh);
     let child = agent.spawn_run(None);
     wait_for("the seed to stage the release", INSTALL_LIMIT, || (agent.status()["state"] == "staged").then_some(()));
@@ -199,4 +206,148 @@ fn a_site_cache_serves_prometheus_metrics() {
     let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok());
     assert_eq!(value("flotilla_mesh_store_chunks"), Some(chunks as u64), "{text}");
     assert_eq!(value("flotilla_mesh_served_chunks_total"), Some(0), "{text}");
+}
+
+/// Starts a site cache on loopback without mDNS with `args` (plus `--import export` when given).
+fn cache_with(root: &std::path::Path, args: &[&str], export: Option<&std::path::Path>) -> SiteCache {
+    let mut args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    args.push("--no-mdns".as_ref());
+    if let Some(e) = export {
+        args.push("--import".as_ref());
+        args.push(e.as_os_str());
+    }
+    SiteCache::start_with(None, tempfile::tempdir().unwrap(), root, &args, None)
+}
+
+#[test]
+fn a_fleet_private_network_serves_only_devices_holding_its_key() {
+    let s = site(26, 2 << 20);
+    let root = s.publisher.path("root.json");
+    let key = s.publisher.path("swarm.key");
+    std::fs::write(&key, format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", "5a".repeat(32))).unwrap();
+    let key_arg = key.to_str().unwrap();
+    let cache = cache_with(&root, &["--listen", "/ip4/127.0.0.1/tcp/0", "--psk-file", key_arg], Some(&s.export));
+
+    let mesh = format!(
+        "enabled = true\nmdns = false\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nbootstrap = [\"{}\"]\ndeadline = \"1h\"\npsk_file = \"{}\"\n",
+        cache.addr,
+        key.display()
+    );
+    let member = Agent::with_mesh(&s.coord, &root, "member", &mesh);
+    let (report, log) = finish(member.spawn_check(), INSTALL_LIMIT);
+    assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+    assert_eq!(member.slot("b"), s.image);
+    assert_eq!(bytes(&report, "peer"), s.image.len() as u64, "the member got every byte from the cache: {report}");
+
+    // A device without the key cannot even connect: everything comes from the CDN.
+    let outsider = Agent::new(&s.coord, &root, "outsider", std::slice::from_ref(&cache.addr), "1h");
+    let (report, log) = finish(outsider.spawn_check(), INSTALL_LIMIT);
+    assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+    assert_eq!(outsider.slot("b"), s.image);
+    assert_eq!((bytes(&report, "peer"), bytes(&report, "cdn")), (0, s.image.len() as u64), "{report}");
+
+    // A key file that is not one is refused when the config loads, naming the setting.
+    std::fs::write(&key, "not a key").unwrap();
+    let out = member.spawn_check().wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && said.contains("mesh.psk_file"), "{said}");
+}
+
+#[test]
+fn agents_fetch_from_a_site_cache_over_quic() {
+    let s = site(27, 2 << 20);
+    let root = s.publisher.path("root.json");
+    let cache = cache_with(&root, &["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"], Some(&s.export));
+    assert!(cache.addr.contains("/udp/") && cache.addr.contains("/quic-v1/"), "{}", cache.addr);
+    let mesh = format!(
+        "enabled = true\nmdns = false\nlisten = [\"/ip4/127.0.0.1/udp/0/quic-v1\"]\nbootstrap = [\"{}\"]\ndeadline = \"1h\"\n",
+        cache.addr
+    );
+    let agent = Agent::with_mesh(&s.coord, &root, "quic", &mesh);
+    let (report, log) = finish(agent.spawn_check(), INSTALL_LIMIT);
+    assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+    assert_eq!(agent.slot("b"), s.image);
+    assert_eq!(bytes(&report, "peer"), s.image.len() as u64, "{report}\n{log}");
+}
+
+#[test]
+fn a_late_comer_finds_the_holder_of_a_release_through_kademlia() {
+    let s = site(28, 3 << 20);
+    let root = s.publisher.path("root.json");
+    // A hub that holds nothing: the only peer either device is configured with (no mDNS).
+    let hub = cache_with(&root, &["--listen", "/ip4/127.0.0.1/tcp/0"], None);
+    let (_seed, mut seed_process, _addr) = seeded_daemon_with(&s, "seed", &format!("bootstrap = [\"{}\"]\n", hub.addr));
+
+    let late = Agent::new(&s.coord, &root, "late", std::slice::from_ref(&hub.addr), "1h");
+    let (report, log) = finish(late.spawn_check(), INSTALL_LIMIT);
+    let _ = seed_process.kill();
+    let _ = seed_process.wait();
+    assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+    assert_eq!(late.slot("b"), s.image);
+    // The hub has no chunk to give, so every peer byte came from the seed, which only a
+    // provider record could have led the late-comer to.
+    assert_eq!(hub.stat("served_chunks"), Some(0));
+    assert!(bytes(&report, "peer") > 0, "nothing came from the seed: {report}\n{log}");
+    assert_eq!(bytes(&report, "peer") + bytes(&report, "cdn"), s.image.len() as u64, "{report}");
+}
+
+#[test]
+fn a_site_cache_prefetches_the_live_releases_of_its_product() {
+    let s = site(29, 3 << 20);
+    let root = s.publisher.path("root.json");
+    // A read-only `cache` token of the product, made by an admin.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let token = rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let body = serde_json::json!({ "scope": "cache", "product": PRODUCT, "label": "site-cache" });
+        let resp = reqwest::Client::new()
+            .post(format!("{}/v1/tokens", s.coord.url))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+        resp.json::<serde_json::Value>().await.unwrap()["token"].as_str().unwrap().to_owned()
+    });
+    let token_file = s.publisher.path("cache-token");
+    std::fs::write(&token_file, &token).unwrap();
+    // The release's distinct chunk objects, as the export holds them: (count, bytes).
+    let (chunks, object_bytes) = std::fs::read_dir(s.export.join("chunks"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .fold((0u64, 0u64), |(n, b), f| (n + 1, b + f.unwrap().metadata().unwrap().len()));
+
+    let origin_before = s.coord.bytes_served();
+    let args = [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--prefetch-from",
+        &s.coord.url,
+        "--prefetch-product",
+        PRODUCT,
+        "--prefetch-token-file",
+        token_file.to_str().unwrap(),
+        "--prefetch-every",
+        "200ms",
+    ];
+    // No import: everything the cache holds it prefetched.
+    let cache = cache_with(&root, &args, None);
+    wait_for("the cache to prefetch the release", INSTALL_LIMIT, || {
+        cache.stat("store_chunks").filter(|n| *n == chunks)
+    });
+    let prefetched = s.coord.bytes_served() - origin_before;
+    assert!(
+        prefetched >= object_bytes,
+        "the cache fetched its chunks from the origin: {prefetched} of {object_bytes} B"
+    );
+
+    // A device of the site then gets every byte from the cache; the origin serves its index.
+    let agent = Agent::new(&s.coord, &root, "dev-p", std::slice::from_ref(&cache.addr), "1h");
+    let origin_before = s.coord.bytes_served();
+    let (report, log) = finish(agent.spawn_check(), INSTALL_LIMIT);
+    assert_eq!(report["outcome"], "staged", "{report}\n{log}");
+    assert_eq!(agent.slot("b"), s.image);
+    assert_eq!(bytes(&report, "peer"), s.image.len() as u64, "{report}\n{log}");
+    assert!(s.coord.bytes_served() - origin_before < s.image.len() as u64 / 10);
 }
