@@ -331,37 +331,7 @@ impl PatchHeader {
     pub fn read(patch: &mut dyn Read, limits: &DeltaLimits) -> Result<Self, DeltaError> {
         let mut fixed = [0u8; HEADER_LEN];
         read_full(patch, &mut fixed, "the header")?;
-        if fixed[..8] != MAGIC {
-            return Err(DeltaError::BadMagic);
-        }
-        let version = u16::from_le_bytes([fixed[8], fixed[9]]);
-        if version != FORMAT_VERSION {
-            return Err(DeltaError::UnsupportedVersion(version));
-        }
-        let count = u32::from_le_bytes(word(&fixed[12..16]));
-        let old_size = u64::from_le_bytes(word(&fixed[16..24]));
-        let new_size = u64::from_le_bytes(word(&fixed[24..32]));
-        let table_len = u64::from_le_bytes(word(&fixed[32..40]));
-        let window = u64::from_le_bytes(word(&fixed[40..48]));
-        if old_size > MAX_IMAGE_SIZE {
-            return Err(DeltaError::Malformed { reason: "old image size above the 16 TiB limit" });
-        }
-        if new_size > limits.max_new_size {
-            return Err(DeltaError::ImageTooLarge { declared: new_size, limit: limits.max_new_size });
-        }
-        if window > limits.max_window {
-            return Err(DeltaError::WindowTooLarge { declared: window, limit: limits.max_window });
-        }
-        if table_len > limits.max_table_len {
-            return Err(DeltaError::TableTooLarge { declared: table_len, limit: limits.max_table_len });
-        }
-        let flags = u16::from_le_bytes([fixed[10], fixed[11]]);
-        if flags & !FLAG_TABLE_ZSTD != 0 {
-            return Err(DeltaError::Malformed { reason: "unknown header flags" });
-        }
-        if flags & FLAG_TABLE_ZSTD == 0 && u64::from(count) * REGION_RECORD_LEN as u64 > table_len {
-            return Err(DeltaError::Malformed { reason: "region count does not fit the table length" });
-        }
+        let Fixed { flags, count, old_size, new_size, table_len, window } = Fixed::parse(&fixed, limits)?;
         let stored_len = usize::try_from(table_len).map_err(|_| DeltaError::Malformed { reason: "table length" })?;
         let mut stored = vec![0u8; stored_len];
         read_full(patch, &mut stored, "the region table")?;
@@ -390,6 +360,22 @@ impl PatchHeader {
         let payloads_start = HEADER_LEN as u64 + table_len;
         let regions = parse_table(&table, count, old_size, new_size, window, payloads_start)?;
         Ok(Self { old_size, new_size, window, regions })
+    }
+
+    /// Bytes the header and region table occupy at the start of a patch, from its fixed
+    /// header (the first [`HEADER_LEN`] bytes), so a reader can fetch exactly them before it
+    /// knows anything else. The same checks as [`PatchHeader::read`] apply to the fixed part.
+    ///
+    /// # Errors
+    /// [`DeltaError::BadMagic`], [`DeltaError::UnsupportedVersion`], limits exceeded, unknown
+    /// flags.
+    pub fn stored_len(fixed: &[u8; HEADER_LEN], limits: &DeltaLimits) -> Result<u64, DeltaError> {
+        Ok(HEADER_LEN as u64 + Fixed::parse(fixed, limits)?.table_len)
+    }
+
+    /// Where the last payload ends: the length of the whole patch.
+    pub fn payload_end(&self) -> u64 {
+        self.regions.last().map_or(0, |r| r.payload_offset + r.payload_len)
     }
 
     /// Encoded length of the header and table.
@@ -450,6 +436,53 @@ impl PatchHeader {
     }
 }
 
+/// The fixed header's fields, checked against the limits.
+struct Fixed {
+    flags: u16,
+    count: u32,
+    old_size: u64,
+    new_size: u64,
+    table_len: u64,
+    window: u64,
+}
+
+impl Fixed {
+    fn parse(fixed: &[u8; HEADER_LEN], limits: &DeltaLimits) -> Result<Self, DeltaError> {
+        if fixed[..8] != MAGIC {
+            return Err(DeltaError::BadMagic);
+        }
+        let version = u16::from_le_bytes([fixed[8], fixed[9]]);
+        if version != FORMAT_VERSION {
+            return Err(DeltaError::UnsupportedVersion(version));
+        }
+        let flags = u16::from_le_bytes([fixed[10], fixed[11]]);
+        let count = u32::from_le_bytes(word(&fixed[12..16]));
+        let old_size = u64::from_le_bytes(word(&fixed[16..24]));
+        let new_size = u64::from_le_bytes(word(&fixed[24..32]));
+        let table_len = u64::from_le_bytes(word(&fixed[32..40]));
+        let window = u64::from_le_bytes(word(&fixed[40..48]));
+        if old_size > MAX_IMAGE_SIZE {
+            return Err(DeltaError::Malformed { reason: "old image size above the 16 TiB limit" });
+        }
+        if new_size > limits.max_new_size {
+            return Err(DeltaError::ImageTooLarge { declared: new_size, limit: limits.max_new_size });
+        }
+        if window > limits.max_window {
+            return Err(DeltaError::WindowTooLarge { declared: window, limit: limits.max_window });
+        }
+        if table_len > limits.max_table_len {
+            return Err(DeltaError::TableTooLarge { declared: table_len, limit: limits.max_table_len });
+        }
+        if flags & !FLAG_TABLE_ZSTD != 0 {
+            return Err(DeltaError::Malformed { reason: "unknown header flags" });
+        }
+        if flags & FLAG_TABLE_ZSTD == 0 && u64::from(count) * REGION_RECORD_LEN as u64 > table_len {
+            return Err(DeltaError::Malformed { reason: "region count does not fit the table length" });
+        }
+        Ok(Self { flags, count, old_size, new_size, table_len, window })
+    }
+}
+
 fn word<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut out = [0u8; N];
     out.copy_from_slice(&bytes[..N]);
@@ -480,27 +513,15 @@ fn parse_table(
             return Err(malformed("a region lists too many extents"));
         }
         let mut extents = Vec::with_capacity(extent_count);
-        let mut reference = 0u64;
         for _ in 0..extent_count {
             let raw = table.get(pos..pos + EXTENT_RECORD_LEN).ok_or(malformed("region table ends inside an extent"))?;
             pos += EXTENT_RECORD_LEN;
-            let extent =
-                Extent { offset: u64::from_le_bytes(word(&raw[..8])), len: u64::from_le_bytes(word(&raw[8..])) };
-            if extent.offset.checked_add(extent.len).is_none_or(|end| end > old_size) {
-                return Err(malformed("an extent reaches past the old image"));
-            }
-            reference = reference.checked_add(extent.len).ok_or(malformed("extent lengths overflow"))?;
-            extents.push(extent);
+            extents
+                .push(Extent { offset: u64::from_le_bytes(word(&raw[..8])), len: u64::from_le_bytes(word(&raw[8..])) });
         }
-        match op {
-            RegionOp::Copy if reference != new_len => return Err(malformed("a copy region's extents do not add up")),
-            RegionOp::Copy if payload_len != 0 => return Err(malformed("a copy region has a payload")),
-            RegionOp::Zstd | RegionOp::Bsdiff if reference > window || new_len > window => {
-                return Err(malformed("a patched region is larger than the declared window"));
-            }
-            _ => {}
-        }
-        regions.push(Region { op, new_offset, new_len, extents, payload_offset, payload_len });
+        let region = Region { op, new_offset, new_len, extents, payload_offset, payload_len };
+        check_region(&region, old_size, window)?;
+        regions.push(region);
         new_offset = new_offset.checked_add(new_len).ok_or(malformed("region lengths overflow"))?;
         payload_offset = payload_offset.checked_add(payload_len).ok_or(malformed("payload lengths overflow"))?;
     }
@@ -539,25 +560,110 @@ pub fn apply(
     limits: &DeltaLimits,
 ) -> Result<u64, DeltaError> {
     let header = PatchHeader::read(patch, limits)?;
-    if old.size() != header.old_size {
-        return Err(DeltaError::BaseMismatch { expected: header.old_size, actual: old.size() });
-    }
-    let mut reference = Vec::new();
-    let mut buf = vec![0u8; IO_BUF_LEN];
+    let mut applier = RegionApplier::new(&header, old, limits)?;
     let mut written = 0u64;
-    for (number, region) in header.regions.iter().enumerate() {
-        let number = u32::try_from(number).unwrap_or(u32::MAX);
-        let mut payload = patch.take(region.payload_len);
+    for number in 0..header.regions.len() {
+        let number = u32::try_from(number).map_err(|_| DeltaError::Malformed { reason: "region count" })?;
+        written += applier.apply(number, patch, out)?;
+    }
+    let mut probe = [0u8; 1];
+    match patch.read(&mut probe) {
+        Ok(0) => Ok(written),
+        Ok(_) => Err(DeltaError::TrailingBytes),
+        Err(e) => Err(DeltaError::ReadPatch(e)),
+    }
+}
+
+/// Applies single regions of a patch, each from its own payload bytes, in any order and any
+/// subset: what a device needs when it takes some regions from the patch and fetches the
+/// rest of the image as chunks. [`apply`] is this over every region in turn.
+///
+/// Memory is the same as [`apply`]'s: one reference and one decoder window (each ≤ the
+/// patch's window, itself ≤ [`DeltaLimits::max_window`]) plus small buffers, kept between
+/// regions. Each region is checked again before anything is allocated for it (extents
+/// inside the old image, reference and output within the window), so a [`PatchHeader`]
+/// built by hand is held to the same bounds as one [`PatchHeader::read`] returned.
+///
+/// ```no_run
+/// # use flotilla_core::delta::{DeltaLimits, PatchHeader, RegionApplier};
+/// # fn run(patch_file: &std::fs::File, old: &std::fs::File, out: &mut Vec<u8>) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::os::unix::fs::FileExt as _;
+/// let limits = DeltaLimits::default();
+/// let mut fixed = [0u8; flotilla_core::delta::HEADER_LEN];
+/// patch_file.read_exact_at(&mut fixed, 0)?;
+/// let mut head = vec![0u8; usize::try_from(PatchHeader::stored_len(&fixed, &limits)?)?];
+/// patch_file.read_exact_at(&mut head, 0)?;
+/// let header = PatchHeader::read(&mut head.as_slice(), &limits)?;
+/// let mut applier = RegionApplier::new(&header, old, &limits)?;
+/// // Region 2 alone: its payload, then its new bytes (new_offset..new_offset + new_len).
+/// let region = &header.regions[2];
+/// let mut payload = vec![0u8; usize::try_from(region.payload_len)?];
+/// patch_file.read_exact_at(&mut payload, region.payload_offset)?;
+/// applier.apply(2, &mut payload.as_slice(), out)?;
+/// # Ok(()) }
+/// ```
+pub struct RegionApplier<'a> {
+    header: &'a PatchHeader,
+    old: &'a dyn OldImage,
+    reference: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for RegionApplier<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionApplier").field("regions", &self.header.regions.len()).finish_non_exhaustive()
+    }
+}
+
+impl<'a> RegionApplier<'a> {
+    /// An applier of `header`'s regions over `old`.
+    ///
+    /// # Errors
+    /// [`DeltaError::WindowTooLarge`] / [`DeltaError::ImageTooLarge`] when the header asks
+    /// more than `limits`; [`DeltaError::BaseMismatch`] when `old` is not the size the patch
+    /// was made against.
+    pub fn new(header: &'a PatchHeader, old: &'a dyn OldImage, limits: &DeltaLimits) -> Result<Self, DeltaError> {
+        if header.window > limits.max_window {
+            return Err(DeltaError::WindowTooLarge { declared: header.window, limit: limits.max_window });
+        }
+        if header.new_size > limits.max_new_size {
+            return Err(DeltaError::ImageTooLarge { declared: header.new_size, limit: limits.max_new_size });
+        }
+        if old.size() != header.old_size {
+            return Err(DeltaError::BaseMismatch { expected: header.old_size, actual: old.size() });
+        }
+        Ok(Self { header, old, reference: Vec::new(), buf: vec![0u8; IO_BUF_LEN] })
+    }
+
+    /// Applies region `number`: reads exactly its `payload_len` bytes from `payload` (which
+    /// may go on past them, as a whole patch does) and writes exactly its `new_len` bytes,
+    /// the new image's `new_offset..new_offset + new_len`, to `out`. Returns the bytes
+    /// written.
+    ///
+    /// # Errors
+    /// [`DeltaError::Malformed`] for a region number not in the table or a region outside
+    /// the bounds; [`DeltaError::CorruptRegion`] when the payload does not decode to exactly
+    /// the region (a frame longer than the payload is [`DeltaError::Truncated`]); read and
+    /// write errors. The payload carries no checksum: a flipped literal byte can decode to
+    /// wrong bytes of the right length, so the caller verifies the output (chunk ids).
+    pub fn apply(&mut self, number: u32, payload: &mut dyn Read, out: &mut dyn Write) -> Result<u64, DeltaError> {
+        let region = usize::try_from(number)
+            .ok()
+            .and_then(|n| self.header.regions.get(n))
+            .ok_or(DeltaError::Malformed { reason: "no such region in the table" })?;
+        check_region(region, self.old.size(), self.header.window)?;
+        let mut payload = payload.take(region.payload_len);
+        let (old, reference, buf, window) = (self.old, &mut self.reference, &mut self.buf, self.header.window);
         let produced = match region.op {
-            RegionOp::Copy => copy_extents(old, &region.extents, out, &mut buf)?,
+            RegionOp::Copy => copy_extents(old, &region.extents, out, buf)?,
             RegionOp::Zstd => {
-                load_reference(old, &region.extents, &mut reference)?;
-                apply_zstd(&mut payload, &reference, region.new_len, out, &mut buf, header.window)
+                load_reference(old, &region.extents, reference)?;
+                apply_zstd(&mut payload, reference, region.new_len, out, buf, window)
                     .map_err(|e| region_error(number, e))?
             }
             RegionOp::Bsdiff => {
-                load_reference(old, &region.extents, &mut reference)?;
-                bsdiff::apply(&mut payload, &reference, region.new_len, out, &mut buf, header.window)
+                load_reference(old, &region.extents, reference)?;
+                bsdiff::apply(&mut payload, reference, region.new_len, out, buf, window)
                     .map_err(|e| region_error(number, e))?
             }
         };
@@ -570,13 +676,32 @@ pub fn apply(
         if payload.limit() != 0 {
             return Err(DeltaError::CorruptRegion { region: number, reason: "payload longer than its frame".into() });
         }
-        written += produced;
+        Ok(produced)
     }
-    let mut probe = [0u8; 1];
-    match patch.read(&mut probe) {
-        Ok(0) => Ok(written),
-        Ok(_) => Err(DeltaError::TrailingBytes),
-        Err(e) => Err(DeltaError::ReadPatch(e)),
+}
+
+/// The table's per-region bounds, checked again where a region is applied: extents inside
+/// the old image, a patched region's reference and output within the window, a copy
+/// region's extents adding up to its output and carrying no payload.
+fn check_region(region: &Region, old_size: u64, window: u64) -> Result<(), DeltaError> {
+    let malformed = |reason| DeltaError::Malformed { reason };
+    if region.extents.len() > MAX_EXTENTS {
+        return Err(malformed("a region lists too many extents"));
+    }
+    let mut reference = 0u64;
+    for e in &region.extents {
+        if e.offset.checked_add(e.len).is_none_or(|end| end > old_size) {
+            return Err(malformed("an extent reaches past the old image"));
+        }
+        reference = reference.checked_add(e.len).ok_or(malformed("extent lengths overflow"))?;
+    }
+    match region.op {
+        RegionOp::Copy if reference != region.new_len => Err(malformed("a copy region's extents do not add up")),
+        RegionOp::Copy if region.payload_len != 0 => Err(malformed("a copy region has a payload")),
+        RegionOp::Zstd | RegionOp::Bsdiff if reference > window || region.new_len > window => {
+            Err(malformed("a patched region is larger than the declared window"))
+        }
+        _ => Ok(()),
     }
 }
 

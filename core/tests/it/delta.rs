@@ -7,7 +7,9 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 
 use flotilla_core::chunking::{ChunkParams, Chunker};
-use flotilla_core::delta::{self, DeltaError, DeltaLimits, EncodeOptions, EncodeStats, PatchHeader, RegionOp};
+use flotilla_core::delta::{
+    self, DeltaError, DeltaLimits, EncodeOptions, EncodeStats, Extent, PatchHeader, Region, RegionApplier, RegionOp,
+};
 use flotilla_core::index::ChunkIndex;
 use flotilla_core::manifest::DeltaMethod;
 
@@ -226,6 +228,143 @@ fn a_corrupted_payload_is_caught() {
         }
     }
     assert!(caught > 0, "no flip was caught by the decoder");
+}
+
+/// A multi-region patch of a 1.5 MiB image: scattered edits, an insertion, a moved block.
+fn regions_patch() -> (Vec<u8>, Vec<u8>, Vec<u8>, PatchHeader) {
+    let old = text(19, 1536 << 10);
+    let mut new = old.clone();
+    for at in (7000..new.len()).step_by(150_000) {
+        new[at..at + 8].copy_from_slice(b"CHANGED!");
+    }
+    new.splice(700_000..700_000, text(20, 30_000));
+    let moved: Vec<u8> = new.drain(50_000..250_000).collect();
+    new.extend_from_slice(&moved);
+    let (patch, _) = round_trip(&old, &new, ChunkParams::BUNDLE, &small_window_opts());
+    let header = PatchHeader::read(&mut patch.as_slice(), &DeltaLimits::default()).unwrap();
+    (old, new, patch, header)
+}
+
+fn payload<'a>(patch: &'a [u8], region: &Region) -> &'a [u8] {
+    &patch[region.payload_offset as usize..(region.payload_offset + region.payload_len) as usize]
+}
+
+#[test]
+fn a_subset_of_regions_applied_from_their_payloads_alone_yields_exactly_their_ranges() {
+    let (old, new, patch, header) = regions_patch();
+    let patched: Vec<u32> =
+        (0..header.regions.len() as u32).filter(|n| header.regions[*n as usize].op != RegionOp::Copy).collect();
+    let copies = header.regions.iter().filter(|r| r.op == RegionOp::Copy).count();
+    assert!(patched.len() >= 4 && copies >= 1, "{} patched regions, {copies} copies", patched.len());
+    assert_eq!(header.payload_end(), patch.len() as u64);
+    assert_eq!(
+        PatchHeader::stored_len(patch[..delta::HEADER_LEN].try_into().unwrap(), &DeltaLimits::default()).unwrap(),
+        header.encoded_len()
+    );
+
+    // Every other patched region and the first copy, last first: each from its payload bytes
+    // only (no other byte of the patch), each yielding its own slice of the new image.
+    let first_copy = header.regions.iter().position(|r| r.op == RegionOp::Copy).unwrap() as u32;
+    let mut chosen: Vec<u32> = patched.iter().copied().step_by(2).collect();
+    chosen.push(first_copy);
+    chosen.sort_unstable();
+    let mut applier = RegionApplier::new(&header, &old, &DeltaLimits::default()).unwrap();
+    for &n in chosen.iter().rev() {
+        let r = &header.regions[n as usize];
+        let mut out = Vec::new();
+        let written = applier.apply(n, &mut payload(&patch, r), &mut out).unwrap();
+        assert_eq!(written, r.new_len);
+        let range = r.new_offset as usize..(r.new_offset + r.new_len) as usize;
+        assert!(out == new[range], "region {n} ({:?}) differs from its range of the new image", r.op);
+    }
+
+    // All regions one by one, in order, rebuild the image exactly.
+    let mut out = Vec::new();
+    for n in 0..header.regions.len() as u32 {
+        applier.apply(n, &mut payload(&patch, &header.regions[n as usize]), &mut out).unwrap();
+    }
+    assert!(out == new);
+}
+
+#[test]
+fn a_corrupted_or_short_region_payload_is_caught() {
+    let (old, _, patch, header) = regions_patch();
+    let n = header.regions.iter().position(|r| r.op != RegionOp::Copy && r.payload_len > 16).unwrap() as u32;
+    let region = &header.regions[n as usize];
+    let good = payload(&patch, region).to_vec();
+    let mut applier = RegionApplier::new(&header, &old, &DeltaLimits::default()).unwrap();
+
+    // The zstd frame's magic: no decoder takes it.
+    let mut bad = good.clone();
+    bad[0] ^= 0xff;
+    let err = applier.apply(n, &mut bad.as_slice(), &mut Vec::new()).unwrap_err();
+    assert!(matches!(err, DeltaError::CorruptRegion { region, .. } if region == n), "{err}");
+
+    // A payload cut short (a patch chunk that is missing) never passes for the region.
+    let err = applier.apply(n, &mut &good[..good.len() - 1], &mut Vec::new()).unwrap_err();
+    assert!(matches!(err, DeltaError::Truncated { .. } | DeltaError::CorruptRegion { .. }), "{err}");
+
+    // Flips anywhere in the payload: caught by the decoder, or the output differs (which the
+    // caller's chunk ids catch); never the region's bytes reported as good and unchanged.
+    let mut expected = Vec::new();
+    applier.apply(n, &mut good.as_slice(), &mut expected).unwrap();
+    let mut caught = 0;
+    for at in 0..good.len() {
+        let mut bad = good.clone();
+        bad[at] ^= 0x5a;
+        let mut out = Vec::new();
+        match applier.apply(n, &mut bad.as_slice(), &mut out) {
+            Err(DeltaError::CorruptRegion { region, .. }) => {
+                assert_eq!(region, n);
+                caught += 1;
+            }
+            Err(DeltaError::Truncated { .. }) => caught += 1,
+            Ok(_) => {}
+            Err(e) => panic!("flip at {at}: unexpected {e}"),
+        }
+    }
+    assert!(caught > 0, "no flip was caught by the decoder");
+
+    // The applier still works after failures (its buffers are reset per region).
+    let mut out = Vec::new();
+    applier.apply(n, &mut good.as_slice(), &mut out).unwrap();
+    assert!(out == expected);
+}
+
+#[test]
+fn a_region_applier_holds_hand_built_headers_to_the_bounds() {
+    let old = text(21, 10_000);
+    let region = |op, new_len, extents: Vec<Extent>| Region {
+        op,
+        new_offset: 0,
+        new_len,
+        extents,
+        payload_offset: 0,
+        payload_len: 0,
+    };
+    let header = |window, regions: Vec<Region>| PatchHeader {
+        old_size: old.len() as u64,
+        new_size: regions.iter().map(|r| r.new_len).sum(),
+        window,
+        regions,
+    };
+    let apply = |h: &PatchHeader, n| {
+        RegionApplier::new(h, &old, &DeltaLimits::default()).and_then(|mut a| a.apply(n, &mut &[][..], &mut Vec::new()))
+    };
+    // An extent past the old image, a reference above the window, a region not in the table.
+    let past = header(1 << 20, vec![region(RegionOp::Copy, 100, vec![Extent { offset: 9_950, len: 100 }])]);
+    assert!(matches!(apply(&past, 0), Err(DeltaError::Malformed { .. })));
+    let wide = header(1000, vec![region(RegionOp::Zstd, 10, vec![Extent { offset: 0, len: 5000 }])]);
+    assert!(matches!(apply(&wide, 0), Err(DeltaError::Malformed { .. })));
+    let one = header(1 << 20, vec![region(RegionOp::Copy, 100, vec![Extent { offset: 0, len: 100 }])]);
+    assert!(matches!(apply(&one, 1), Err(DeltaError::Malformed { .. })));
+    assert_eq!(apply(&one, 0).unwrap(), 100);
+    // A window above the applier's limit, and the wrong base size.
+    let huge = header(1 << 40, vec![]);
+    assert!(matches!(apply(&huge, 0), Err(DeltaError::WindowTooLarge { .. })));
+    let other = text(21, 9_999);
+    let err = RegionApplier::new(&one, &other, &DeltaLimits::default()).unwrap_err();
+    assert!(matches!(err, DeltaError::BaseMismatch { expected: 10_000, actual: 9_999 }), "{err}");
 }
 
 /// One edit of a generated image.
