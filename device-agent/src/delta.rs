@@ -1,41 +1,53 @@
-//! Installing from a binary patch: plan, check the base, fetch the patch, apply it streaming.
+//! Installing from a binary patch: check the base, read the patch's region table, plan per
+//! region, fetch the patch chunks the plan needs, apply those regions streaming.
 //!
 //! After the chunks the target slot and the active slot already hold are placed
-//! ([`crate::install`]), the chunks still missing are compared in bytes with each patch the
-//! manifest offers from the release the active slot holds. A patch is used when it costs fewer
-//! bytes to fetch (its chunks already kept from an interrupted run count as free):
+//! ([`crate::install`]), each patch the manifest offers from the release the active slot holds
+//! is priced whole against the chunks still missing; the cheapest is planned with when it beats
+//! the chunks, or when its region table is cheap next to them (a mix may still win):
 //!
 //! 1. **Base check, not assumed.** The journal says which release the active slot holds, but
 //!    the slot is hashed (SHA-256 from the media) before a byte of the patch is fetched: a
 //!    slot modified since its install falls back to chunks, and the reason goes out as an
 //!    event. The hash costs one sequential read of the active slot, paid only when a patch is
-//!    the cheaper plan; no verification recorded at commit is trusted, since the slot may have
-//!    been written since.
-//! 2. **Fetch.** The patch is chunked and content-addressed like an image: its index comes from
-//!    `/v1/indexes/{id}` (bounded by the size the signed manifest declares, checked against its
-//!    id), its chunks through the same source as content chunks (peers first when the mesh
-//!    runs, then the CDN), each verified before it is written into `<state>/patch.bin`. The
-//!    record `<state>/patch.progress` claims chunks only after the file is synced, so a kill
-//!    during the download never refetches a verified patch chunk. The patch file is served to
-//!    peers as it arrives.
-//! 3. **Apply.** The patch is streamed through `flotilla_core::delta::apply` with the active
-//!    slot as the old image; the output is cut at the new index's chunk boundaries, each chunk's
-//!    BLAKE3 id checked before it is written at its offset in the target slot, and the slot's
-//!    progress record claims chunks only after the slot is synced. Memory stays within the
-//!    codec's window plus one chunk. A kill during application restarts the apply from the
-//!    start of the patch on the next run; chunks already verified in the slot are not written
-//!    again. The whole image's SHA-256 is then checked from the media as for any install.
+//!    worth planning with; no verification recorded at commit is trusted, since the slot may
+//!    have been written since.
+//! 2. **Table.** The patch is chunked and content-addressed like an image: its index comes
+//!    from `/v1/indexes/{id}` (bounded by the size the signed manifest declares, checked
+//!    against its id), its chunks through the same source as content chunks (peers first when
+//!    the mesh runs, then the CDN), each verified before it is written into
+//!    `<state>/patch.bin`. The chunks holding the header and region table come first
+//!    (`fetch`); the table must describe the two images and end where the patch ends.
+//! 3. **Plan** (`plan`). Per group of regions (regions whose output starts and ends on the
+//!    new index's chunk boundaries; one region for the encoder's patches): the patch chunks
+//!    its payload needs that are not held, against its chunks still missing from the target
+//!    slot. Shared chunks are paid once on either side; the cheapest mix found wins, never
+//!    dearer than the whole patch or the chunks alone. The plan goes out as an event (regions
+//!    from the patch, from chunks, already held; bytes of each plan).
+//! 4. **Fetch and apply** (`apply`). Only the chosen regions' patch chunks are fetched; the
+//!    record `<state>/patch.progress` claims them only after the file is synced, so a kill
+//!    during the download never refetches a verified patch chunk. The chosen regions are
+//!    applied one by one with `flotilla_core::delta::RegionApplier`, the active slot as the
+//!    old image; the output is cut at the new index's chunk boundaries, each chunk's BLAKE3 id
+//!    checked before it is written at every place it is still missing in the target slot, and
+//!    the slot's progress record claims chunks only after the slot is synced. Chunks already
+//!    in the slot are never written again. Memory stays within the codec's window plus one
+//!    chunk. A kill during application plans again on the next run (held patch chunks free,
+//!    written chunks done) and applies what is still missing. Once the chosen regions are
+//!    applied the record is marked finished, so a resumed install fetches the rest as chunks
+//!    without fetching the table again. The rest of the image then comes as chunks, and the
+//!    whole image's SHA-256 is checked from the media as for any install.
 //!
 //! A patch that cannot be used (a base mismatch, a patch chunk that fails verification or
-//! cannot be fetched, a patch that fails to apply or produces a chunk that does not verify)
-//! is recorded as failed for this install and the remaining chunks are fetched instead; the
-//! event's detail says why. Patch bytes fetched count as `delta` in the bytes by source.
+//! cannot be fetched, a table that does not match the images, a region that fails to apply or
+//! produces a chunk that does not verify) is recorded as failed for this install and the
+//! remaining chunks are fetched instead; the event's detail says why. Patch bytes fetched
+//! count as `delta` in the bytes by source.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_core::delta as codec;
 use flotilla_core::ids::{ChunkId, IndexId, Sha256Digest};
@@ -43,13 +55,13 @@ use flotilla_core::index::ChunkIndex;
 use flotilla_core::manifest::{Delta, DeltaMethod, VerifiedManifest};
 use serde::{Deserialize, Serialize};
 
-use crate::crash;
-
 mod apply;
+mod fetch;
+mod plan;
 use crate::durable::{self, Sealed};
 use crate::events::{EventKind, EventQueue};
 use crate::install::{ChunkSource, WriteError};
-use crate::journal::{self, ByteSources, Progress, Release};
+use crate::journal::{ByteSources, Progress, Release};
 use crate::slot::{SlotName, Slots};
 use apply::apply;
 
@@ -119,6 +131,45 @@ impl DeltaPlan {
             tracing::error!(error = %e, "cannot queue an event");
         }
     }
+
+    /// Reports the per-region plan (log and event). Like [`DeltaPlan::note`] the event carries
+    /// no bytes.
+    ///
+    /// `table` is what fetching the region table cost in this run: spent to plan, counted in
+    /// the whole patch as in the mix.
+    fn report(&self, delta: &Delta, p: &plan::RegionPlan, table: u64) {
+        let as_chunks = p.regions - p.from_patch;
+        tracing::info!(
+            regions = p.regions,
+            from_patch = p.from_patch,
+            as_chunks,
+            already_held = p.held,
+            table_bytes = table,
+            patch_bytes = p.patch_bytes,
+            chunk_bytes = p.chunk_bytes,
+            whole_patch = p.whole_patch,
+            chunks_only = p.chunks_only,
+            total = table + p.total(),
+            "install plan"
+        );
+        let detail = format!(
+            "patch from version {} (version_code {}): {} of {} regions from the patch, {as_chunks} as chunks ({} of \
+             them already held); patch bytes: {table} for its table, {} for the chosen regions; chunk bytes: {} \
+             (whole patch: {} bytes, chunks alone: {})",
+            delta.from_version,
+            delta.from_version_code,
+            p.from_patch,
+            p.regions,
+            p.held,
+            p.patch_bytes,
+            p.chunk_bytes,
+            table + p.whole_patch,
+            p.chunks_only
+        );
+        if let Err(e) = self.events.push(EventKind::Downloading, self.release, ByteSources::default(), Some(detail)) {
+            tracing::error!(error = %e, "cannot queue an event");
+        }
+    }
 }
 
 /// The download of one patch for one install, kept across interruptions.
@@ -134,6 +185,10 @@ struct PatchRecord {
     fetched: u64,
     /// Why the patch was given up for this install, if it was.
     failed: Option<String>,
+    /// The patch's part of this install is done (its chosen regions applied, or none chosen):
+    /// what is still missing comes as chunks.
+    #[serde(default)]
+    finished: bool,
 }
 
 impl PatchRecord {
@@ -234,20 +289,29 @@ pub enum PatchError {
         /// What the patch produced.
         actual: ChunkId,
     },
-    /// The patch produced more or fewer bytes than the image.
-    #[error("the patch produced {produced} bytes, the image has {size}")]
+    /// The patch's regions did not end on the chunk boundary they were planned to.
+    #[error("the patch's output reached offset {produced} where offset {size} was expected")]
     Length {
-        /// Bytes produced.
+        /// Offset reached.
         produced: u64,
-        /// Image size.
+        /// Offset expected.
         size: u64,
     },
 }
 
-/// The patch to use, if any: known method, from the installed release (version_code and
-/// image SHA-256 as the journal records them), not given up on for this install, and cheaper
-/// than `chunk_bytes` (patch bytes already held count as free). The cheapest wins.
-fn choose(plan: &DeltaPlan, target_index: IndexId, chunk_bytes: u64) -> Option<Delta> {
+/// A patch's region table is fetched to plan a mix even when the whole patch is not cheaper
+/// than the chunks, as long as the table's chunks cost at most this fraction of the chunks
+/// (1/8): a plan that then takes nothing from the patch wastes at most 12.5 % more bytes,
+/// while a mix can save most of them.
+const PROBE_SHARE: u64 = 8;
+
+/// The patch to plan with, if any, and what the whole of it would cost: known method, from
+/// the installed release (version_code and image SHA-256 as the journal records them), not
+/// given up on or finished for this install; the cheapest whole patch wins (patch bytes
+/// already held count as free). It is worth planning with when the whole patch costs less
+/// than `chunk_bytes`, or when its first chunk (at most `probe_bound` bytes: the table starts
+/// there) costs at most `chunk_bytes / PROBE_SHARE`.
+fn choose(plan: &DeltaPlan, target_index: IndexId, chunk_bytes: u64, probe_bound: u64) -> Option<(Delta, u64)> {
     let installed = plan.installed.as_ref()?;
     let record = PatchRecord::load(&plan.record_path(), target_index);
     let mut best: Option<(&Delta, u64)> = None;
@@ -263,21 +327,26 @@ fn choose(plan: &DeltaPlan, target_index: IndexId, chunk_bytes: u64) -> Option<D
             tracing::info!(reason = %why, "patch given up earlier in this install");
             continue;
         }
+        if earlier.is_some_and(|r| r.finished) {
+            tracing::info!("the patch's part of this install is done; the rest comes as chunks");
+            return None;
+        }
         let cost = d.patch_size.saturating_sub(earlier.map_or(0, |r| r.fetched));
         if best.is_none_or(|(_, c)| cost < c) {
             best = Some((d, cost));
         }
     }
     let (d, cost) = best?;
-    if cost >= chunk_bytes {
+    if cost >= chunk_bytes && probe_bound.saturating_mul(PROBE_SHARE) > chunk_bytes {
         tracing::info!(patch = cost, chunks = chunk_bytes, from = d.from_version_code, "chunks are cheaper");
         return None;
     }
-    Some(d.clone())
+    Some((d.clone(), cost))
 }
 
-/// Tries to complete the target slot from a patch; on any patch problem reports why and
-/// leaves the rest to the chunk fetch. Patch bytes fetched go into `slot.progress.bytes.delta`.
+/// Tries to complete the target slot from a patch, region by region where that is cheaper;
+/// on any patch problem reports why and leaves the rest to the chunk fetch. Patch bytes
+/// fetched go into `slot.progress.bytes.delta`.
 ///
 /// # Errors
 /// Target-slot I/O (what would fail a chunk install too), or a network outage (the install
@@ -293,14 +362,20 @@ pub(crate) async fn install_from_patch(
     if matches!(fetching.source, ChunkSource::Export(_)) {
         return Ok(()); // an export carries every chunk; patches save network bytes only
     }
+    // Patch bytes fetched by earlier runs of this install count whatever happens now.
+    if let Some(r) = PatchRecord::load(&plan.record_path(), index.id()) {
+        slot.progress.bytes.delta = slot.progress.bytes.delta.max(r.fetched);
+    }
     let Some(installed) = plan.installed.clone() else { return Ok(()) };
-    let Some(delta) = choose(plan, index.id(), chunk_bytes) else { return Ok(()) };
+    let Some((delta, whole)) = choose(plan, index.id(), chunk_bytes, u64::from(index.params().max)) else {
+        return Ok(());
+    };
     tracing::info!(
         from = delta.from_version_code,
         method = ?delta.method,
-        patch = delta.patch_size,
+        patch = whole,
         chunks = chunk_bytes,
-        "installing from a patch"
+        "planning the install from a patch"
     );
     let mut record = PatchRecord::load(&plan.record_path(), index.id())
         .filter(|r| r.patch_index == delta.patch_index.id)
@@ -310,9 +385,13 @@ pub(crate) async fn install_from_patch(
             done: String::new(),
             fetched: 0,
             failed: None,
+            finished: false,
         });
-    let result = run(plan, slots, index, &delta, &installed, fetching, &mut record, &mut slot).await;
-    slot.progress.bytes.delta = record.fetched;
+    // The whole patch beats the chunks: the table is fetched whatever it costs (the whole
+    // patch would fetch it too). Otherwise it must be cheap next to the chunks.
+    let probe_limit = (whole >= chunk_bytes).then_some(chunk_bytes / PROBE_SHARE);
+    let result = run(plan, slots, index, &delta, &installed, fetching, &mut record, &mut slot, probe_limit).await;
+    slot.progress.bytes.delta = slot.progress.bytes.delta.max(record.fetched);
     let keep = |record: &mut PatchRecord| {
         let bits = hex::decode(&record.done).unwrap_or_default();
         if let Err(e) = record.save(&plan.record_path(), &bits) {
@@ -327,7 +406,14 @@ pub(crate) async fn install_from_patch(
     };
     match result {
         Ok(()) => {
-            DeltaPlan::clean(&plan.state_dir);
+            // Done with the patch for this install: what is still missing comes as chunks, in
+            // this run or, after an interruption, in the next (which does not plan again, so
+            // the table is not fetched twice). The file goes; the record keeps the bytes.
+            record.finished = true;
+            record.done.clear();
+            let p = plan.patch_path();
+            let _ = std::fs::remove_file(&p);
+            keep(&mut record);
             Ok(())
         }
         Err(Outcome::Slot(e)) => {
@@ -350,7 +436,7 @@ pub(crate) async fn install_from_patch(
     }
 }
 
-/// How a patch attempt ended, when it did not complete the slot.
+/// How a patch attempt ended, when it did not complete its part.
 enum Outcome {
     /// The target slot failed, or the network is away: the install stops here as it would
     /// for chunks (and resumes at the next check when the cause is transient).
@@ -371,6 +457,7 @@ async fn run(
     fetching: &Fetching,
     record: &mut PatchRecord,
     slot: &mut SlotState<'_>,
+    probe_limit: Option<u64>,
 ) -> Result<(), Outcome> {
     // 1. The base: the active slot must hold the patch's from-image, checked from the media.
     let (s, active, size) = (slots.clone(), plan.active, installed.image_size);
@@ -393,186 +480,42 @@ async fn run(
         }));
     }
 
-    // 2. The patch's index and chunks.
-    let patch_index = fetch_index(fetching, delta).await?;
+    // 2. The patch's index, then its header and region table.
+    let patch_index = fetch::fetch_index(fetching, delta).await?;
     // The patch file lives in the state directory: no room there for it means chunks instead.
     let patch_io = |source| Outcome::Patch(PatchError::Fetch(WriteError::Io { slot: slot.slot, source }));
-    let patch_file = Arc::new(open_patch_file(&plan.patch_path(), delta.patch_size).map_err(patch_io)?);
+    let patch_file = Arc::new(fetch::open_patch_file(&plan.patch_path(), delta.patch_size).map_err(patch_io)?);
     if let ChunkSource::Peer(p) = &fetching.source {
         p.serve_file(plan.patch_path(), &patch_index);
     }
-    fetch_patch(plan, fetching, &patch_index, &patch_file, record, slot.slot).await?;
+    let sizes = (installed.image_size, index.image_size());
+    let before = record.fetched;
+    let header =
+        fetch::fetch_header(plan, fetching, &patch_index, &patch_file, record, slot.slot, sizes, probe_limit).await?;
+    let Some(header) = header else { return Ok(()) };
 
-    // 3. Apply, streaming, into the target slot.
-    slot.progress.bytes.delta = record.fetched;
-    apply(slots, plan.active, installed.image_size, index, patch_file, slot).await
-}
+    // 3. The plan: each group of regions from the patch or as chunks, whichever costs less.
+    let held = hex::decode(&record.done).unwrap_or_default();
+    let chosen = plan::plan(&header, index, slot.bits, &patch_index, &held);
+    plan.report(delta, &chosen, record.fetched.saturating_sub(before));
+    if chosen.groups.is_empty() {
+        return Ok(());
+    }
 
-async fn fetch_index(fetching: &Fetching, delta: &Delta) -> Result<ChunkIndex, Outcome> {
-    let id = delta.patch_index.id;
-    let refuse = |reason: String| Outcome::Patch(PatchError::Index { id, reason });
-    let Some(c) = fetching.source.coordinator() else { return Err(refuse("no coordinator to fetch it from".into())) };
-    let bytes = match c.get_bounded(&format!("/v1/indexes/{id}"), delta.patch_index.size).await {
-        Ok(b) => b,
-        Err(e) if e.is_transient() => return Err(Outcome::Skip(PatchError::Index { id, reason: e.to_string() })),
-        Err(e) => return Err(refuse(e.to_string())),
-    };
-    if bytes.len() as u64 != delta.patch_index.size {
-        return Err(refuse(format!("{} bytes, the manifest says {}", bytes.len(), delta.patch_index.size)));
-    }
-    let actual = IndexId::of(&bytes);
-    if actual != id {
-        return Err(refuse(format!("hashes to {actual}")));
-    }
-    let index = ChunkIndex::decode(&bytes).map_err(|e| refuse(e.to_string()))?;
-    if index.image_size() != delta.patch_size {
-        return Err(refuse(format!(
-            "describes {} bytes, the manifest says the patch has {}",
-            index.image_size(),
-            delta.patch_size
-        )));
-    }
-    Ok(index)
-}
-
-fn open_patch_file(path: &Path, size: u64) -> std::io::Result<File> {
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-    if f.metadata()?.len() != size {
-        f.set_len(size)?;
-    }
-    Ok(f)
-}
-
-/// Fetches the patch chunks `record` does not hold yet into the patch file, verified, with
-/// the record claiming them only after a sync.
-async fn fetch_patch(
-    plan: &DeltaPlan,
-    fetching: &Fetching,
-    patch_index: &ChunkIndex,
-    patch_file: &Arc<File>,
-    record: &mut PatchRecord,
-    target: SlotName,
-) -> Result<(), Outcome> {
-    let mut bits = hex::decode(&record.done).unwrap_or_default();
-    if bits.len() != patch_index.len().div_ceil(8) {
-        bits = vec![0u8; patch_index.len().div_ceil(8)];
-        record.fetched = 0;
-    }
-    // Chunks an interrupted run wrote after its last checkpoint are found in place (hashed),
-    // so no verified patch chunk is fetched twice.
-    let (f, entries, claimed) = (patch_file.clone(), patch_index.entries().to_vec(), bits.clone());
-    let found = tokio::task::spawn_blocking(move || {
-        let (mut found, mut buf, mut offset) = (Vec::new(), Vec::new(), 0u64);
-        for (i, e) in entries.iter().enumerate() {
-            if !journal::is_done(&claimed, i) {
-                buf.resize(e.len as usize, 0);
-                if f.read_exact_at(&mut buf, offset).is_ok() && ChunkId::of(&buf) == e.id {
-                    found.push((i, e.len));
-                }
-            }
-            offset += u64::from(e.len);
-        }
-        found
-    })
-    .await
-    .map_err(|e| Outcome::Slot(WriteError::Task(e.to_string())))?;
-    for (i, len) in found {
-        journal::set_done(&mut bits, i);
-        record.fetched += u64::from(len);
-    }
-    // Distinct patch chunks still needed, with every place each goes.
-    let mut order: Vec<(ChunkId, u32, Vec<(usize, u64)>)> = Vec::new();
-    let mut at: std::collections::HashMap<ChunkId, usize> = std::collections::HashMap::new();
-    for (i, (offset, e)) in patch_index.iter_with_offsets().enumerate() {
-        if journal::is_done(&bits, i) {
-            continue;
-        }
-        let k = *at.entry(e.id).or_insert_with(|| {
-            order.push((e.id, e.len, Vec::new()));
-            order.len() - 1
-        });
-        order[k].2.push((i, offset));
-    }
-    let record_path = plan.record_path();
-    let slot_io = |source| Outcome::Slot(WriteError::Io { slot: target, source });
-    record.save(&record_path, &bits).map_err(slot_io)?;
-    let phases = Arc::new(crate::install::Phases::default());
-    let cap = fetching.max_rate.map(|rate| Arc::new(crate::install::RateCap::new(rate)));
-    let sem = Arc::new(tokio::sync::Semaphore::new(fetching.parallel.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut pending = order.into_iter();
-    let mut failure: Option<WriteError> = None;
-    let mut last = Instant::now();
-    let size = patch_index.image_size();
-    loop {
-        while failure.is_none() && tasks.len() < fetching.parallel.max(1) * 2 {
-            let Some((id, len, places)) = pending.next() else { break };
-            let (f, source, sem, phases, log) = (
-                patch_file.clone(),
-                fetching.source.clone(),
-                sem.clone(),
-                phases.clone(),
-                fetching.downloads_log.clone(),
-            );
-            let (attempts, cap) = (fetching.attempts, cap.clone());
-            tasks.spawn(async move {
-                let _permit = sem.acquire_owned().await.map_err(|e| WriteError::Task(e.to_string()))?;
-                if let Some(cap) = &cap {
-                    cap.take(u64::from(len)).await;
-                }
-                let places =
-                    crate::install::fetch_and_write(&source, &id, len, attempts, (&f, target, size, places), &phases)
-                        .await?;
-                let _ = source.label_for(&id);
-                journal::log_download(&log, &id, "delta");
-                crash::point("patch-chunk-fetched");
-                Ok::<_, WriteError>((len, places))
-            });
-        }
-        let Some(joined) = tasks.join_next().await else { break };
-        match joined.map_err(|e| WriteError::Task(e.to_string())).and_then(|r| r) {
-            Ok((len, places)) => {
-                for (i, _) in &places {
-                    journal::set_done(&mut bits, *i);
-                }
-                record.fetched += u64::from(len);
-                if last.elapsed() >= FETCH_CHECKPOINT_INTERVAL {
-                    checkpoint_patch(patch_file, record, &record_path, &bits).await.map_err(slot_io)?;
-                    last = Instant::now();
-                }
-            }
-            Err(e) => {
-                if failure.is_none() {
-                    failure = Some(e);
-                }
-            }
-        }
-    }
-    checkpoint_patch(patch_file, record, &record_path, &bits).await.map_err(slot_io)?;
-    match failure {
-        None => Ok(()),
-        Some(e) if e.is_transient() => Err(Outcome::Slot(e)),
-        Some(e @ WriteError::Task(_)) => Err(Outcome::Slot(e)),
-        Some(e) => Err(Outcome::Patch(PatchError::Fetch(e))),
-    }
-}
-
-async fn checkpoint_patch(file: &Arc<File>, record: &mut PatchRecord, path: &Path, bits: &[u8]) -> std::io::Result<()> {
-    let (f, mut r, p, b) = (file.clone(), record.clone(), path.to_path_buf(), bits.to_vec());
-    let saved = tokio::task::spawn_blocking(move || -> std::io::Result<PatchRecord> {
-        f.sync_data()?;
-        r.save(&p, &b)?;
-        Ok(r)
-    })
-    .await
-    .map_err(|e| std::io::Error::other(e.to_string()))??;
-    *record = saved;
-    Ok(())
+    // 4. The patch chunks the chosen regions need, then those regions, streaming, into the
+    //    target slot.
+    fetch::fetch_patch(plan, fetching, &patch_index, &patch_file, record, slot.slot, &chosen.patch_entries).await?;
+    slot.progress.bytes.delta = slot.progress.bytes.delta.max(record.fetched);
+    apply(slots, plan.active, installed.image_size, index, (Arc::new(header), chosen.groups), patch_file, slot).await
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt as _;
+
     use flotilla_core::chunking::{ChunkParams, Chunker};
+
+    use crate::journal;
 
     use super::*;
 
@@ -603,6 +546,10 @@ mod tests {
 
     /// Slot A holds `old_in_slot`; the patch goes from `old` to an edited copy.
     fn fixture(old: &[u8], old_in_slot: &[u8]) -> Fixture {
+        fixture_with(old, old_in_slot, &codec::EncodeOptions::default())
+    }
+
+    fn fixture_with(old: &[u8], old_in_slot: &[u8], opts: &codec::EncodeOptions) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let slots = Slots::File { a: dir.path().join("a.img"), b: dir.path().join("b.img") };
         std::fs::write(dir.path().join("a.img"), old_in_slot).unwrap();
@@ -613,16 +560,7 @@ mod tests {
         }
         let index = index_of(&new);
         let mut patch = Vec::new();
-        codec::encode(
-            &old.to_vec(),
-            &index_of(old),
-            &new,
-            &index,
-            &codec::EncodeOptions::default(),
-            &mut patch,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        codec::encode(&old.to_vec(), &index_of(old), &new, &index, opts, &mut patch, &mut |_, _| {}).unwrap();
         let patch_path = dir.path().join("patch.bin");
         std::fs::write(&patch_path, &patch).unwrap();
         let patch = Arc::new(File::open(&patch_path).unwrap());
@@ -630,7 +568,24 @@ mod tests {
         Fixture { _dir: dir, slots, new, index, patch, progress_path }
     }
 
+    fn header_of(f: &Fixture) -> codec::PatchHeader {
+        let mut head = vec![0u8; 1 << 20];
+        let n = f.patch.read_at(&mut head, 0).unwrap();
+        codec::PatchHeader::read(&mut &head[..n], &codec::DeltaLimits::default()).unwrap()
+    }
+
     async fn run_apply(f: &Fixture, bits: &mut Vec<u8>) -> (Result<(), Outcome>, Progress) {
+        let header = header_of(f);
+        let groups = plan::groups(&header, &f.index);
+        run_groups(f, bits, header, groups).await
+    }
+
+    async fn run_groups(
+        f: &Fixture,
+        bits: &mut Vec<u8>,
+        header: codec::PatchHeader,
+        groups: Vec<plan::Group>,
+    ) -> (Result<(), Outcome>, Progress) {
         let file = Arc::new(f.slots.open_for_write(SlotName::B, f.index.image_size()).unwrap());
         let mut progress = Progress::new(f.index.id(), SlotName::B, f.index.len());
         let mut state = SlotState {
@@ -641,7 +596,8 @@ mod tests {
             progress_path: &f.progress_path,
         };
         let len = f.slots.open_for_read(SlotName::A).unwrap().metadata().unwrap().len();
-        let r = apply(&f.slots, SlotName::A, len, &f.index, f.patch.clone(), &mut state).await;
+        let r =
+            apply(&f.slots, SlotName::A, len, &f.index, (Arc::new(header), groups), f.patch.clone(), &mut state).await;
         (r, progress)
     }
 
@@ -703,6 +659,38 @@ mod tests {
         assert!(matches!(r, Err(Outcome::Patch(PatchError::Apply(_)))), "a truncated patch is refused");
     }
 
+    #[tokio::test]
+    async fn applies_only_the_chosen_regions_and_leaves_the_rest_unwritten() {
+        let old = noise(4, 1_500_000);
+        let mut opts = codec::EncodeOptions::default();
+        opts.window = 256 << 10;
+        opts.region_len = 128 << 10;
+        let f = fixture_with(&old, &old, &opts);
+        let header = header_of(&f);
+        let groups = plan::groups(&header, &f.index);
+        let patched: Vec<plan::Group> = groups
+            .iter()
+            .filter(|g| header.regions[g.regions.start as usize].op != codec::RegionOp::Copy)
+            .cloned()
+            .collect();
+        assert!(patched.len() >= 3, "{} patched groups", patched.len());
+        let chosen: Vec<plan::Group> = patched.iter().step_by(2).cloned().collect();
+        let mut bits = vec![0u8; f.index.len().div_ceil(8)];
+        let (r, _) = run_groups(&f, &mut bits, header, chosen.clone()).await;
+        assert!(r.is_ok());
+        let slot = std::fs::read(f.slots.image_path(SlotName::B)).unwrap();
+        for (i, (offset, e)) in f.index.iter_with_offsets().enumerate() {
+            let at = offset as usize..offset as usize + e.len as usize;
+            if chosen.iter().any(|g| g.entries.contains(&i)) {
+                assert!(journal::is_done(&bits, i), "chunk {i} of a chosen region is claimed");
+                assert_eq!(slot[at.clone()], f.new[at], "chunk {i}");
+            } else {
+                assert!(!journal::is_done(&bits, i), "chunk {i} of another region is left to the chunks");
+                assert!(slot[at].iter().all(|b| *b == 0), "chunk {i} is not written");
+            }
+        }
+    }
+
     #[test]
     fn the_cheapest_matching_patch_is_chosen_only_when_it_beats_chunks() {
         use flotilla_core::manifest::IndexRef;
@@ -742,8 +730,14 @@ mod tests {
             release: (None, Some(2)),
         };
         let target = IndexId::of(b"target");
-        assert_eq!(choose(&plan, target, 1000).map(|d| d.patch_size), Some(300));
-        assert_eq!(choose(&plan, target, 300).map(|d| d.patch_size), None, "not cheaper than chunks");
+        // A probe bound so large that a table is never fetched unless the whole patch wins.
+        let choose = |plan: &DeltaPlan, chunks, probe| choose(plan, target, chunks, probe).map(|(d, _)| d.patch_size);
+        let never = 1 << 40;
+        assert_eq!(choose(&plan, 1000, never), Some(300));
+        assert_eq!(choose(&plan, 300, never), None, "not cheaper than chunks");
+        // Not cheaper whole, but its table is cheap next to the chunks: worth planning a mix.
+        assert_eq!(choose(&plan, 300, 30), Some(300));
+        assert_eq!(choose(&plan, 300, 40), None, "a table dearer than an eighth of the chunks");
         // A patch given up earlier in this install is not tried again.
         let mut rec = PatchRecord {
             target_index: target,
@@ -751,16 +745,21 @@ mod tests {
             done: String::new(),
             fetched: 0,
             failed: Some("bad".into()),
+            finished: false,
         };
         rec.save(&plan.record_path(), &[]).unwrap();
-        assert_eq!(choose(&plan, target, 1000).map(|d| d.patch_size), Some(500));
+        assert_eq!(choose(&plan, 1000, never), Some(500));
         // Bytes already held make a patch cheaper.
         rec.patch_index = IndexId::of(b"a");
         rec.failed = None;
         rec.fetched = 450;
         rec.save(&plan.record_path(), &[]).unwrap();
-        assert_eq!(choose(&plan, target, 100).map(|d| d.patch_size), Some(500));
+        assert_eq!(choose(&plan, 100, never), Some(500));
+        // A patch whose part of the install is done is not planned again.
+        rec.finished = true;
+        rec.save(&plan.record_path(), &[]).unwrap();
+        assert_eq!(choose(&plan, 1000, never), None);
         let none = DeltaPlan { installed: None, ..plan };
-        assert!(choose(&none, target, 1000).is_none());
+        assert!(choose(&none, 1000, never).is_none());
     }
 }

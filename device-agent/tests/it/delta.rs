@@ -301,3 +301,114 @@ fn kills_during_the_patch_download_and_application_resume_to_a_verified_slot() {
     commits_v2(&s);
     assert_eq!(s.dev.slot_image("a"), s.v2);
 }
+
+/// Incompressible bytes (no stretch a compressor or a patch could shorten).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 29) as u8
+        })
+        .collect()
+}
+
+/// The plan event's figures: regions from the patch, regions, patch bytes for the table and
+/// for the chosen regions, chunk bytes, and the whole-patch and chunks-alone figures, from
+/// "…: a of b regions from the patch, …; patch bytes: t for its table, p for the chosen
+/// regions; chunk bytes: c (whole patch: w bytes, chunks alone: x)".
+fn plan_in(stderr: &str) -> Option<[u64; 7]> {
+    let line = stderr.lines().find(|l| l.contains("regions from the patch"))?;
+    let after = |key: &str| -> Option<u64> {
+        let at = line.find(key)? + key.len();
+        line[at..].split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty())?.parse().ok()
+    };
+    let before = |key: &str| -> Option<u64> { line[..line.find(key)?].rsplit(' ').next()?.parse().ok() };
+    Some([
+        after("): ")?,
+        before(" regions from the patch")?,
+        after("patch bytes: ")?,
+        before(" for the chosen regions")?,
+        after("chunk bytes: ")?,
+        after("whole patch: ")?,
+        after("chunks alone: ")?,
+    ])
+}
+
+#[test]
+fn a_mix_takes_some_regions_from_the_patch_and_the_rest_as_chunks() {
+    // v2 over a 6 MiB v1: a new 1 MiB asset stored at both ends of the image (chunks fetch it
+    // once; the patch's regions cannot refer to each other, so it carries it twice); between
+    // them v1 with an edit every ~28 KiB over 5 MiB (nearly every chunk changes; the patch is
+    // tiny), unchanged at both ends. A 2 MiB window makes the encoder cut it into regions.
+    let coord = Coordinator::start();
+    let publisher = Publisher::new(&coord);
+    let dev = Device::new(&coord, &publisher.path("root.json"), SlotKind::File, &DeviceOptions::default());
+    let v1 = image(91, 6 << 20);
+    let asset = noise(92, 1 << 20);
+    let (head, tail) = (512 << 10, (6 << 20) - (512 << 10));
+    let mut v2 = asset.clone();
+    v2.extend_from_slice(&v1[..head]);
+    v2.extend(edited(&v1[head..tail], 180, 9));
+    v2.extend_from_slice(&v1[tail..]);
+    v2.extend_from_slice(&asset);
+    std::fs::write(publisher.path("v1.img"), &v1).unwrap();
+    std::fs::write(publisher.path("v2.img"), &v2).unwrap();
+    publisher.release("1.0.0", &publisher.path("v1.img"), &[]);
+    assert_eq!(dev.check_once()["outcome"], "staged");
+    assert_eq!(dev.boot_check().1["outcome"], "committed");
+    let r2 = publisher.release("1.1.0", &publisher.path("v2.img"), &["--delta-window", "2097152"]);
+    let v2_id = r2["id"].as_i64().expect("release id");
+
+    // The figures of the two single-source plans, from the indexes.
+    let manifest = manifest_of(&coord, v2_id);
+    let (_, patch_index) = patch_of(&coord, &manifest, 1);
+    let (patch_ids, whole_patch) = patch_chunks(&patch_index);
+    let params = serde_json::from_value(manifest["chunking"].clone()).expect("chunk params");
+    let chunks_only = chunk_bytes(&v1, &v2, params);
+    let mut lens: std::collections::HashMap<String, u64> = chunks_of(&v2, params).into_iter().collect();
+    lens.extend(patch_index.entries().iter().map(|e| (e.id.to_hex(), u64::from(e.len))));
+
+    // A kill while the chunks are fetched, after the chosen regions were applied: the resumed
+    // run neither plans again nor fetches anything twice. (One fetch at a time, so that every
+    // chunk written before the kill has its line in the download log.)
+    let one = DeviceOptions { parallel_downloads: 1, ..DeviceOptions::default() };
+    dev.write_config(&coord.url, &one);
+    let (first, stderr) = check_logged(&dev, Some("chunk-written:2"));
+    assert!(!first.status.success() && stderr.contains("crash point"), "{stderr}");
+    let [from_patch, regions, table, planned_patch, planned_chunks, planned_whole, planned_chunks_only] =
+        plan_in(&stderr).unwrap_or_else(|| panic!("no plan event: {stderr}"));
+    assert!(0 < from_patch && from_patch < regions, "a mix: {from_patch} of {regions} regions from the patch");
+    assert_eq!((planned_whole, planned_chunks_only), (whole_patch, chunks_only), "{stderr}");
+    dev.write_config(&coord.url, &DeviceOptions::default());
+    let (out, stderr) = check_logged(&dev, None);
+    assert!(out.status.success(), "{stderr}");
+    assert!(plan_in(&stderr).is_none(), "planned once: {stderr}");
+    assert!(!stderr.contains("not used"), "{stderr}");
+    let report = json_of(&out);
+    assert_eq!(report["outcome"], "staged", "{report}");
+
+    let fetched = dev.downloads();
+    let distinct: HashSet<String> = fetched.iter().cloned().collect();
+    assert_eq!(fetched.len(), distinct.len(), "no chunk fetched twice: {fetched:?}");
+    let patch_fetched: HashSet<&String> = distinct.iter().filter(|id| patch_ids.contains(*id)).collect();
+    let patch_bytes: u64 = patch_fetched.iter().map(|id| lens[*id]).sum();
+    let content_bytes: u64 = distinct.iter().filter(|id| !patch_ids.contains(*id)).map(|id| lens[id]).sum();
+    assert!(!patch_fetched.is_empty() && patch_fetched.len() < patch_ids.len(), "only some patch chunks");
+    assert!(content_bytes > 0, "some content chunks");
+    assert_eq!(report["bytes"]["delta"], patch_bytes, "{report}");
+    assert_eq!((patch_bytes, content_bytes), (table + planned_patch, planned_chunks), "fetched what was planned");
+    let total = patch_bytes + content_bytes;
+    eprintln!(
+        "mix: {total} bytes ({table} patch table + {planned_patch} patch regions + {content_bytes} chunks; \
+         {from_patch} of {regions} regions from the patch); whole patch {whole_patch}, chunks only {chunks_only}"
+    );
+    assert!(total < whole_patch, "the mix ({total} B) beats the whole patch ({whole_patch} B)");
+    assert!(total < chunks_only, "the mix ({total} B) beats chunks alone ({chunks_only} B)");
+
+    let s = Setup { coord, publisher, dev, v1, v2, v2_id };
+    commits_v2(&s);
+    assert_eq!(s.dev.slot_image("a"), s.v2, "the result verifies");
+}

@@ -276,6 +276,8 @@ pub(crate) struct DeviceOptions {
     pub(crate) health: String,
     pub(crate) fetch_attempts: u32,
     pub(crate) boot_attempts: u32,
+    /// Chunk downloads in flight.
+    pub(crate) parallel_downloads: usize,
     /// Extra top-level config lines.
     pub(crate) extra: String,
 }
@@ -288,6 +290,7 @@ impl Default for DeviceOptions {
             health: String::new(),
             fetch_attempts: 3,
             boot_attempts: 3,
+            parallel_downloads: 4,
             extra: String::new(),
         }
     }
@@ -316,11 +319,12 @@ impl Device {
         let hardware = opts.hardware.as_ref().map(|h| format!("hardware = \"{h}\"\n")).unwrap_or_default();
         let text = format!(
             "coordinator = \"{url}\"\nproduct = \"{PRODUCT}\"\nenrollment_secret = \"{SECRET}\"\n{hardware}\
-             trust_root = \"{}\"\nstate_dir = \"{}\"\nfetch_attempts = {}\nparallel_downloads = 4\n{}\n\
+             trust_root = \"{}\"\nstate_dir = \"{}\"\nfetch_attempts = {}\nparallel_downloads = {}\n{}\n\
              [device_id]\nvalue = \"{}\"\n{slots}[health]\nboot_attempts = {}\ncheck_timeout = \"10s\"\n{}\n",
             p.join("trust-root.json").display(),
             p.join("state").display(),
             opts.fetch_attempts,
+            opts.parallel_downloads,
             opts.extra,
             opts.id,
             opts.boot_attempts,
