@@ -111,11 +111,7 @@ impl MeshSettings {
         };
         let mut listen = parse("mesh.listen", &self.listen)?;
         if listen.is_empty() {
-            let any = Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED);
-            listen.push(any.clone().with(flotilla_mesh::Protocol::Tcp(0)));
-            if self.psk_file.is_none() {
-                listen.push(any.with(flotilla_mesh::Protocol::Udp(0)).with(flotilla_mesh::Protocol::QuicV1));
-            }
+            listen = flotilla_mesh::default_listen(0, self.psk_file.is_none());
         }
         let bootstrap = parse("mesh.bootstrap", &self.bootstrap)?;
         if let Some(a) = bootstrap.iter().find(|a| !a.iter().any(|p| matches!(p, flotilla_mesh::Protocol::P2p(_)))) {

@@ -51,7 +51,8 @@ pub use libp2p::multiaddr::Protocol;
 pub use libp2p::pnet::PreSharedKey;
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::{
-    Fetched, MAX_IN_FLIGHT_PER_PEER, Mesh, MeshConfig, MeshError, MeshStats, PeerInfo, Role, is_quic, load_psk,
+    Fetched, MAX_IN_FLIGHT_PER_PEER, Mesh, MeshConfig, MeshError, MeshStats, PeerInfo, Role, default_listen, is_quic,
+    load_psk,
 };
 pub use rendezvous::fetcher_for;
 pub use store::ChunkProvider;

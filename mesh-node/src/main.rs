@@ -153,15 +153,7 @@ async fn main() -> anyhow::Result<()> {
                 _ => None,
             };
             let psk = psk_file.as_deref().map(flotilla_mesh::load_psk).transpose()?;
-            let listen = if listen.is_empty() {
-                let mut l = vec!["/ip4/0.0.0.0/tcp/4001".parse()?];
-                if psk.is_none() {
-                    l.push("/ip4/0.0.0.0/udp/4001/quic-v1".parse()?);
-                }
-                l
-            } else {
-                listen
-            };
+            let listen = if listen.is_empty() { flotilla_mesh::default_listen(4001, psk.is_none()) } else { listen };
             let opts = ServeOptions {
                 store: store.store,
                 max_bytes: store.max_bytes,

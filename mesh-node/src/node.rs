@@ -126,10 +126,9 @@ impl MeshConfig {
     /// UDP port (QUIC), mDNS and Kademlia on, 64 connections, 8 uploads at once (4 per peer),
     /// no upload rate cap, bans of 10 minutes, 30 s per request, no pre-shared key.
     pub fn new(role: Role) -> Self {
-        let any = Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED);
         Self {
             role,
-            listen: vec![any.clone().with(Protocol::Tcp(0)), any.with(Protocol::Udp(0)).with(Protocol::QuicV1)],
+            listen: default_listen(0, true),
             bootstrap: Vec::new(),
             mdns: true,
             max_connections: 64,
@@ -160,6 +159,16 @@ impl MeshConfig {
         }
         Ok(())
     }
+}
+
+/// Every IPv4 address on TCP `port` and, with `quic`, on UDP `port` for QUIC (0: any port).
+pub fn default_listen(port: u16, quic: bool) -> Vec<Multiaddr> {
+    let any = Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED);
+    let mut listen = vec![any.clone().with(Protocol::Tcp(port))];
+    if quic {
+        listen.push(any.with(Protocol::Udp(port)).with(Protocol::QuicV1));
+    }
+    listen
 }
 
 /// Whether `addr` is a QUIC address.

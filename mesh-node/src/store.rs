@@ -339,9 +339,11 @@ impl DiskStore {
         write_file(&rel.join("manifest.json"), envelope)
     }
 
-    /// Whether release `index` is stored whole (imported or prefetched).
+    /// Whether release `index` is stored whole (imported or prefetched): its manifest is
+    /// written last, after its index, so its presence says both are there (serving reads the
+    /// index and checks it against its id anyway).
     pub fn has_release(&self, index: &IndexId) -> bool {
-        self.release_dir(index).join("manifest.json").is_file() && self.stored_index(index).is_some()
+        self.release_dir(index).join("manifest.json").is_file()
     }
 
     fn release_dir(&self, id: &IndexId) -> PathBuf {
