@@ -129,20 +129,31 @@ pub enum ChunkSource {
     Peer(crate::peer::PeerFirst),
 }
 
+/// What a source returned for a chunk.
+#[derive(Debug)]
+pub(crate) enum Got {
+    /// A chunk object, still to decode and verify.
+    Object(Vec<u8>),
+    /// The chunk's bytes, already verified against its id (the mesh checks what peers send).
+    Verified(Vec<u8>),
+}
+
 impl ChunkSource {
-    async fn fetch(&self, id: &ChunkId, len: u32) -> Result<Vec<u8>, FetchError> {
+    async fn fetch(&self, id: &ChunkId, len: u32) -> Result<Got, FetchError> {
         let limit = object::max_object_len(len);
         match self {
-            Self::Coordinator(c) => c.get_bounded(&format!("/v1/chunks/{id}"), limit).await.map_err(FetchError::Client),
+            Self::Coordinator(c) => {
+                c.get_bounded(&format!("/v1/chunks/{id}"), limit).await.map(Got::Object).map_err(FetchError::Client)
+            }
             Self::Peer(p) => p.fetch(id, len).await.map_err(FetchError::Client),
             Self::Export(dir) => {
                 let hex = id.to_hex();
                 let path = dir.join("chunks").join(&hex[..2]).join(&hex);
                 let meta = std::fs::metadata(&path).map_err(FetchError::Export)?;
                 if meta.len() > limit {
-                    return Ok(vec![0u8; 0]); // fails decoding as Empty; an oversized file is bad data
+                    return Ok(Got::Object(Vec::new())); // fails decoding as Empty; an oversized file is bad data
                 }
-                std::fs::read(&path).map_err(FetchError::Export)
+                std::fs::read(&path).map(Got::Object).map_err(FetchError::Export)
             }
         }
     }
@@ -556,43 +567,55 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
     // 3. Fetch the rest.
     let started = Instant::now();
     let cap = plan.max_rate.map(|rate| Arc::new(RateCap::new(rate)));
-    let sem = Arc::new(tokio::sync::Semaphore::new(plan.parallel.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut since_checkpoint = 0u64;
     let mut last_checkpoint = Instant::now();
+    // Two lanes: the chunks this agent fetches from the origin for its site, and the rest
+    // (everything, without a mesh), each with its own fetches in flight, so the chunks
+    // peers fetched arrive while this agent's own origin share is still coming in.
     let mut order = todo.order;
-    if let ChunkSource::Peer(p) = &plan.source {
-        p.origin_first(&mut order).await;
-    }
-    let mut pending = order.into_iter();
+    let own = match &plan.source {
+        ChunkSource::Peer(p) => p.origin_first(&mut order).await,
+        // Without a mesh every chunk is this agent's to fetch.
+        _ => order.len(),
+    };
+    let rest = order.split_off(own);
+    let mut lanes = [Lane::new(order, plan.parallel), Lane::new(rest, plan.parallel * PEER_LANE_FACTOR)];
     let mut outcome: Result<(), WriteError> = Ok(());
     let mut in_flight = None;
     loop {
-        // Keep `parallel` fetches in flight without spawning one task per chunk up front.
-        while outcome.is_ok() && tasks.len() < plan.parallel.max(1) * 2 {
-            let Some(id) = pending.next() else { break };
-            let (len, places) = todo.places[&id].clone();
-            let (source, file, cap, sem, log, phases) = (
-                plan.source.clone(),
-                file.clone(),
-                cap.clone(),
-                sem.clone(),
-                plan.downloads_log.clone(),
-                phases.clone(),
-            );
-            let attempts = plan.attempts;
-            tasks.spawn(async move {
-                let _permit = sem.acquire_owned().await.map_err(|e| WriteError::Task(e.to_string()))?;
-                if let Some(cap) = &cap {
-                    cap.take(u64::from(len)).await;
-                }
-                let places =
-                    fetch_and_write(&source, &id, len, attempts, (&file, target, size, places), &phases).await?;
-                let from = source.label_for(&id);
-                journal::log_download(&log, &id, from);
-                crash::point("chunk-written");
-                Ok::<_, WriteError>((len, places, from))
-            });
+        // Keep each lane's fetches in flight without spawning one task per chunk up front.
+        for (lane_no, lane) in lanes.iter_mut().enumerate() {
+            while outcome.is_ok() && lane.spawned < lane.width * 2 {
+                let Some(id) = lane.pending.next() else { break };
+                lane.spawned += 1;
+                let (len, places) = todo.places[&id].clone();
+                let (source, file, cap, sem, log, phases) = (
+                    plan.source.clone(),
+                    file.clone(),
+                    cap.clone(),
+                    lane.sem.clone(),
+                    plan.downloads_log.clone(),
+                    phases.clone(),
+                );
+                let attempts = plan.attempts;
+                tasks.spawn(async move {
+                    let done = async {
+                        let _permit = sem.acquire_owned().await.map_err(|e| WriteError::Task(e.to_string()))?;
+                        if let Some(cap) = &cap {
+                            cap.take(u64::from(len)).await;
+                        }
+                        let places =
+                            fetch_and_write(&source, &id, len, attempts, (&file, target, size, places), &phases)
+                                .await?;
+                        let from = source.label_for(&id);
+                        journal::log_download(&log, &id, from);
+                        crash::point("chunk-written");
+                        Ok::<_, WriteError>((len, places, from))
+                    };
+                    (lane_no, done.await)
+                });
+            }
         }
         if tasks.is_empty() {
             break;
@@ -607,7 +630,11 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
             joined = tasks.join_next() => joined,
         };
         let Some(joined) = joined else { break };
-        match joined.map_err(|e| WriteError::Task(e.to_string())).and_then(|r| r) {
+        let joined = joined.map_err(|e| WriteError::Task(e.to_string())).and_then(|(lane, r)| {
+            lanes[lane].spawned -= 1;
+            r
+        });
+        match joined {
             Ok((len, places, from)) => {
                 for (i, _) in &places {
                     journal::set_done(&mut bits, *i);
@@ -664,6 +691,26 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
     Ok(Written { bytes: progress.bytes, sha256 })
 }
 
+/// The peer lane's fetches in flight, as a multiple of `parallel`: most of them wait for a
+/// peer to get the chunk from the origin, which costs nothing but a timer.
+const PEER_LANE_FACTOR: usize = 4;
+
+/// Chunks fetched together with their own limit of fetches in flight.
+struct Lane {
+    pending: std::vec::IntoIter<ChunkId>,
+    sem: Arc<tokio::sync::Semaphore>,
+    /// Fetches at a time (tasks spawned: twice that, so the next one is ready).
+    width: usize,
+    spawned: usize,
+}
+
+impl Lane {
+    fn new(chunks: Vec<ChunkId>, width: usize) -> Self {
+        let width = width.max(1);
+        Self { pending: chunks.into_iter(), sem: Arc::new(tokio::sync::Semaphore::new(width)), width, spawned: 0 }
+    }
+}
+
 /// Fetches a chunk, verifies it and writes it at its places, retrying with backoff; decoding,
 /// verifying and writing share one blocking call. Returns the places.
 pub(crate) async fn fetch_and_write(
@@ -682,13 +729,18 @@ pub(crate) async fn fetch_and_write(
         let fetched = source.fetch(id, len).await;
         Phases::add(&phases.fetch, t);
         let last: Result<(), WriteError> = match fetched {
-            Ok(obj) => {
+            Ok(got) => {
                 let (id2, ph, f) = (*id, phases.clone(), file.clone());
                 let (verified, back) = tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
-                    let data = match object::decode(&obj, &id2, len) {
-                        Ok(data) => data,
-                        Err(e) => return (Ok(Err(e)), places),
+                    let data = match got {
+                        // Checked by the mesh against the id; the length is the index's.
+                        Got::Verified(data) if data.len() == len as usize => data,
+                        Got::Verified(_) => return (Ok(Err(object::ObjectError::Empty)), places),
+                        Got::Object(obj) => match object::decode(&obj, &id2, len) {
+                            Ok(data) => data,
+                            Err(e) => return (Ok(Err(e)), places),
+                        },
                     };
                     Phases::add(&ph.verify, t);
                     crash::point("chunk-fetched");

@@ -133,10 +133,9 @@ impl MeshSettings {
 pub struct SlotChunks {
     // A std Mutex: held only to look up or replace the maps, never across I/O.
     slots: Mutex<Vec<(PathBuf, Arc<Placements>)>>,
-    /// The encoded indexes of the releases served, so peers (offline sites) can get them.
-    indexes: Mutex<HashMap<IndexId, Arc<Vec<u8>>>>,
-    /// Releases whose every chunk is held (the installed one).
-    complete: Mutex<std::collections::HashSet<IndexId>>,
+    /// The releases served: encoded index (peers of offline sites fetch it) and have-map,
+    /// kept up to date as chunks arrive rather than rebuilt for every peer's request.
+    indexes: Mutex<HashMap<IndexId, ServedIndex>>,
     /// Chunks fetched for the install in progress (advertised in have-maps; a chunk reused
     /// from the active slot is not, which only means peers ask someone else for it).
     held: Mutex<std::collections::HashSet<ChunkId>>,
@@ -144,6 +143,47 @@ pub struct SlotChunks {
 
 /// Where each chunk of a slot's image is: id → (offset, length).
 type Placements = HashMap<ChunkId, (u64, u32)>;
+
+/// A release served: its encoded index, its have-map, and each chunk's bits in that map.
+#[derive(Debug)]
+struct ServedIndex {
+    encoded: Arc<Vec<u8>>,
+    have_map: Vec<u8>,
+    /// Chunk → the index entries holding it (a chunk may repeat in an image).
+    entries: HashMap<ChunkId, Vec<u32>>,
+}
+
+impl ServedIndex {
+    fn new(index: &ChunkIndex, held: &std::collections::HashSet<ChunkId>) -> Self {
+        let mut entries: HashMap<ChunkId, Vec<u32>> = HashMap::with_capacity(index.len());
+        for (i, e) in index.entries().iter().enumerate() {
+            entries.entry(e.id).or_default().push(u32::try_from(i).unwrap_or(u32::MAX));
+        }
+        let mut served =
+            Self { encoded: Arc::new(index.encode()), have_map: vec![0u8; index.len().div_ceil(8).max(1)], entries };
+        for id in held {
+            served.set(id);
+        }
+        served
+    }
+
+    fn set(&mut self, id: &ChunkId) {
+        for &i in self.entries.get(id).map(Vec::as_slice).unwrap_or_default() {
+            let i = i as usize;
+            if let Some(byte) = self.have_map.get_mut(i / 8) {
+                *byte |= 1 << (i % 8);
+            }
+        }
+    }
+
+    fn set_all(&mut self) {
+        let n = self.entries.values().map(Vec::len).sum::<usize>();
+        self.have_map.fill(0);
+        for i in 0..n {
+            self.have_map[i / 8] |= 1 << (i % 8);
+        }
+    }
+}
 
 impl SlotChunks {
     /// Serves `index`'s chunks from the image file `path` (replacing what was served from it).
@@ -155,34 +195,42 @@ impl SlotChunks {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|(p, _)| *p != path);
         slots.push((path, Arc::new(map)));
+        drop(slots);
+        let id = index.id();
         let mut indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
+        if indexes.contains_key(&id) {
+            return;
+        }
         // A handful of releases at most (two slots, an install); the oldest go first.
         if indexes.len() >= 4 {
             indexes.clear();
         }
-        indexes.insert(index.id(), Arc::new(index.encode()));
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        indexes.insert(id, ServedIndex::new(index, &held));
     }
-}
 
-impl SlotChunks {
+    /// Every chunk of release `id` is held (the installed release).
+    fn mark_complete(&self, id: &IndexId) {
+        if let Some(s) = self.indexes.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+            s.set_all();
+        }
+    }
+
     fn mark_held(&self, id: &ChunkId) {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(*id);
+        for s in self.indexes.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
+            s.set(id);
+        }
     }
 }
 
 impl ChunkProvider for SlotChunks {
     fn index(&self, id: &IndexId) -> Option<Vec<u8>> {
-        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|b| b.to_vec())
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|s| s.encoded.to_vec())
     }
 
     fn have_map(&self, id: &IndexId) -> Option<Vec<u8>> {
-        let bytes = self.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()?;
-        let index = ChunkIndex::decode(&bytes).ok()?;
-        if self.complete.lock().unwrap_or_else(|e| e.into_inner()).contains(id) {
-            return Some(flotilla_mesh::store::have_map_of(&index, |_| true));
-        }
-        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        Some(flotilla_mesh::store::have_map_of(&index, |c| held.contains(c)))
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|s| s.have_map.clone())
     }
 
     fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
@@ -307,7 +355,7 @@ impl MeshSlot {
     pub async fn serve_installed(&self, slots: &Slots, active: SlotName, index: Option<&ChunkIndex>) {
         if let (Some((mesh, provider)), Some(index)) = (self.node().await, index) {
             provider.serve(slots.image_path(active), index);
-            provider.complete.lock().unwrap_or_else(|e| e.into_inner()).insert(index.id());
+            provider.mark_complete(&index.id());
             if let Err(e) = mesh.provide(index.id()).await {
                 tracing::debug!(error = %e, "mesh stopped; the installed release is not provided");
             }
@@ -374,13 +422,13 @@ impl PeerFirst {
     ///
     /// # Errors
     /// The CDN's [`ClientError`].
-    pub(crate) async fn fetch(&self, id: &ChunkId, len: u32) -> Result<Vec<u8>, ClientError> {
+    pub(crate) async fn fetch(&self, id: &ChunkId, len: u32) -> Result<crate::install::Got, ClientError> {
         let started = Instant::now();
         loop {
             match self.mesh.fetch(*id, len).await {
                 Ok(f) => {
                     self.record(id, "peer");
-                    return Ok(f.object);
+                    return Ok(crate::install::Got::Verified(f.data));
                 }
                 Err(MeshError::NotFound { .. }) => {}
                 Err(e) if self.origin == Origin::PeersOnly => {
@@ -412,7 +460,10 @@ impl PeerFirst {
             tokio::time::sleep(PEER_RETRY.min(self.deadline.saturating_sub(started.elapsed()))).await;
         }
         self.record(id, "cdn");
-        self.cdn.get_bounded(&format!("/v1/chunks/{id}"), object::max_object_len(len)).await
+        self.cdn
+            .get_bounded(&format!("/v1/chunks/{id}"), object::max_object_len(len))
+            .await
+            .map(crate::install::Got::Object)
     }
 
     /// Whether this agent is the one of its site to fetch `id` from the origin.
@@ -425,18 +476,38 @@ impl PeerFirst {
     }
 
     /// Puts first the chunks this agent is its site's origin fetcher for (rendezvous over the
-    /// agents connected now), keeping index order otherwise: the site's agents then pull
-    /// distinct chunks from the origin at once and fill its link from the start, and fetch the
-    /// rest from each other afterwards, instead of all waiting in index order on the same few
-    /// chunks that one of them fetches.
-    pub(crate) async fn origin_first(&self, order: &mut [ChunkId]) {
+    /// agents connected now) and returns how many there are; the site's agents then pull
+    /// distinct chunks from the origin at once and fill its link from the start. Both parts
+    /// keep index order within each fetcher's share but interleave the shares: each agent
+    /// fetches its share in index order at about the same rate, so a chunk's rank in its
+    /// fetcher's share is about when peers have it, and the rest is asked for in that order.
+    /// With no other agent (or no origin to fetch from) nothing is put first.
+    pub(crate) async fn origin_first(&self, order: &mut Vec<ChunkId>) -> usize {
         let me = self.mesh.peer_id();
-        let Ok(peers) = self.mesh.peers().await else { return };
+        let Ok(peers) = self.mesh.peers().await else { return 0 };
         let agents: Vec<flotilla_mesh::PeerId> =
             peers.iter().filter(|p| p.role == Some(Role::Agent)).map(|p| p.id).chain([me]).collect();
-        if agents.len() > 1 {
-            order.sort_by_key(|id| flotilla_mesh::fetcher_for(id, &agents) != Some(me));
+        if self.origin == Origin::PeersOnly {
+            return 0;
         }
+        if agents.len() <= 1 {
+            return order.len();
+        }
+        // One rendezvous per chunk, then the rank of each chunk in its fetcher's share.
+        let mut ranks: HashMap<flotilla_mesh::PeerId, usize> = HashMap::new();
+        let mut keyed: Vec<(bool, usize, ChunkId)> = order
+            .iter()
+            .map(|id| {
+                let fetcher = flotilla_mesh::fetcher_for(id, &agents).unwrap_or(me);
+                let rank = ranks.entry(fetcher).or_default();
+                *rank += 1;
+                (fetcher != me, *rank, *id)
+            })
+            .collect();
+        keyed.sort_by_key(|&(theirs, rank, _)| (theirs, rank));
+        let own = keyed.iter().take_while(|(theirs, _, _)| !theirs).count();
+        *order = keyed.into_iter().map(|(_, _, id)| id).collect();
+        own
     }
 
     /// Tells the mesh which release this install fetches: peers' have-maps then steer each
@@ -526,5 +597,19 @@ mod tests {
         }
         assert!(served > 0 && refused > 0, "served {served}, refused {refused}");
         assert_eq!(p.object(&ChunkId::of(b"unknown"), 7), None);
+
+        // The have-map follows what arrives: nothing, one chunk (every entry of it), all.
+        let id = index.id();
+        let n = index.len();
+        let bits = |m: &[u8]| (0..n).filter(|i| m[i / 8] & (1 << (i % 8)) != 0).collect::<Vec<_>>();
+        assert_eq!(bits(&p.have_map(&id).unwrap()), Vec::<usize>::new());
+        let second = index.entries()[1].id;
+        p.mark_held(&second);
+        let want: Vec<usize> = (0..n).filter(|&i| index.entries()[i].id == second).collect();
+        assert_eq!(bits(&p.have_map(&id).unwrap()), want);
+        p.mark_complete(&id);
+        assert_eq!(bits(&p.have_map(&id).unwrap()), (0..n).collect::<Vec<_>>());
+        assert_eq!(p.have_map(&IndexId::of(b"other")), None);
+        assert_eq!(p.index(&id), Some(index.encode()));
     }
 }

@@ -513,16 +513,15 @@ impl Mesh {
             }) else {
                 continue;
             };
-            let (obj, checked) = tokio::task::spawn_blocking(move || {
-                let r = if object.len() as u64 > flotilla_core::object::max_object_len(len) {
-                    Err(flotilla_core::object::ObjectError::Empty)
-                } else {
-                    flotilla_core::object::decode(&object, &id, len)
-                };
-                (object, r)
-            })
-            .await
-            .map_err(|_| MeshError::Stopped)?;
+            // Checked here rather than on a blocking thread: hashing a chunk (at most
+            // MAX_CHUNK_LEN, typically 64 KiB: tens of microseconds) costs less than handing
+            // it to another thread and back.
+            let checked = if object.len() as u64 > flotilla_core::object::max_object_len(len) {
+                Err(flotilla_core::object::ObjectError::Empty)
+            } else {
+                flotilla_core::object::decode(&object, &id, len)
+            };
+            let obj = object;
             match checked {
                 Ok(data) => {
                     self.counters.fetched_chunks.fetch_add(1, Ordering::Relaxed);

@@ -114,9 +114,12 @@ impl libp2p::request_response::Codec for ChunkCodec {
                     .ok()
                     .filter(|l| *l > 0 && *l <= MAX_OBJECT_LEN)
                     .ok_or_else(|| invalid(format!("object of {} bytes", obj.len())))?;
-                io.write_all(&[TAG_OBJECT]).await?;
-                io.write_all(&len.to_be_bytes()).await?;
-                io.write_all(&obj).await?;
+                // One write: every write to a stream is a frame of its own on the connection.
+                let mut out = Vec::with_capacity(5 + obj.len());
+                out.push(TAG_OBJECT);
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(&obj);
+                io.write_all(&out).await?;
             }
             ChunkResponse::NotFound => io.write_all(&[TAG_NOT_FOUND]).await?,
             ChunkResponse::Busy => io.write_all(&[TAG_BUSY]).await?,
@@ -237,9 +240,11 @@ impl libp2p::request_response::Codec for ReleaseCodec {
                     .ok()
                     .filter(|l| *l > 0 && *l <= MAX_RELEASE_DATA)
                     .ok_or_else(|| invalid(format!("release answer of {} bytes", data.len())))?;
-                io.write_all(&[TAG_OBJECT]).await?;
-                io.write_all(&len.to_be_bytes()).await?;
-                io.write_all(&data).await?;
+                let mut out = Vec::with_capacity(5 + data.len());
+                out.push(TAG_OBJECT);
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(&data);
+                io.write_all(&out).await?;
             }
             ReleaseResponse::NotFound => io.write_all(&[TAG_NOT_FOUND]).await?,
         }

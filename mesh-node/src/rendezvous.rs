@@ -25,7 +25,12 @@ pub fn weight(chunk: &ChunkId, peer: &PeerId) -> u64 {
 /// Duplicates in `peers` do not change the answer; ties (practically impossible) go to the
 /// smaller peer id so every peer still agrees.
 pub fn fetcher_for<'a>(chunk: &ChunkId, peers: impl IntoIterator<Item = &'a PeerId>) -> Option<PeerId> {
-    peers.into_iter().max_by(|a, b| weight(chunk, a).cmp(&weight(chunk, b)).then_with(|| b.cmp(a))).copied()
+    // Each weight once (a hash per peer, not two per comparison).
+    peers
+        .into_iter()
+        .map(|p| (weight(chunk, p), p))
+        .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)))
+        .map(|(_, p)| *p)
 }
 
 #[cfg(test)]

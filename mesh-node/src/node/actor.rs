@@ -66,6 +66,7 @@ pub(super) fn spawn(p: Parts) {
         routing_changed: false,
         last_lookup: None,
         peers: HashMap::new(),
+        discovered: HashMap::new(),
         banned: HashMap::new(),
         pending: HashMap::new(),
         queue: VecDeque::new(),
@@ -250,6 +251,10 @@ struct MeshActor {
     /// When the tracked release's providers were last looked up.
     last_lookup: Option<Instant>,
     peers: HashMap<PeerId, PeerState>,
+    /// Peers mDNS found, dialled again every tick while not connected: one failed dial
+    /// (a link not up yet, say) must not leave two hosts of a LAN apart until mDNS asks again
+    /// minutes later.
+    discovered: HashMap<PeerId, Multiaddr>,
     banned: HashMap<PeerId, Instant>,
     pending: HashMap<OutboundRequestId, Pending>,
     queue: VecDeque<Queued>,
@@ -367,6 +372,21 @@ impl MeshActor {
         }
         for addr in self.config.bootstrap.clone() {
             self.dial(addr);
+        }
+        let lost: Vec<(PeerId, Multiaddr)> = self
+            .discovered
+            .iter()
+            .filter(|(p, _)| !self.peers.contains_key(p) && !self.banned.contains_key(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (peer, addr) in lost {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "dial failed");
+            }
         }
         self.refresh_haves();
         self.kademlia_tick();
@@ -610,13 +630,24 @@ impl MeshActor {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
+                    if self.discovered.len() < self.config.max_connections as usize * 2
+                        || self.discovered.contains_key(&peer)
+                    {
+                        self.discovered.insert(peer, addr.clone());
+                    }
                     if !self.peers.contains_key(&peer) && !self.banned.contains_key(&peer) {
                         tracing::debug!(%peer, %addr, "discovered on the local network");
                         self.dial(addr.with(Protocol::P2p(peer)));
                     }
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(_))) => {}
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                for (peer, addr) in gone {
+                    if self.discovered.get(&peer) == Some(&addr) {
+                        self.discovered.remove(&peer);
+                    }
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => self.gossip_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Kad(ev)) => self.kad_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Limits(v)) | SwarmEvent::Behaviour(BehaviourEvent::Blocked(v)) => {
@@ -656,7 +687,7 @@ impl MeshActor {
             SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| a != &address),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 self.counters.failed_connections.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                tracing::info!(peer = ?peer_id, %error, "could not connect to a peer");
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 self.counters.failed_connections.fetch_add(1, Ordering::Relaxed);
@@ -703,6 +734,13 @@ impl MeshActor {
             }
             Event::OutboundFailure { peer, request_id, error, .. } => {
                 tracing::debug!(%peer, %error, "chunk request failed");
+                if matches!(error, request_response::OutboundFailure::Timeout) {
+                    // A peer cut off leaves its connection looking open until keep-alives
+                    // fail; drop it now so the next requests go elsewhere (mDNS or the
+                    // bootstrap list bring it back when it is reachable again).
+                    tracing::info!(%peer, "peer did not answer in time; disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
                 self.finish(request_id, Answer::Failed);
             }
             Event::InboundFailure { peer, error, .. } => tracing::debug!(%peer, %error, "serving a chunk failed"),

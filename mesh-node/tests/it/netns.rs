@@ -152,3 +152,44 @@ fn a_site_of_ten_agents_behind_a_shaped_uplink_pulls_each_chunk_from_the_origin_
     );
     assert!(peer_bytes > 0);
 }
+
+#[test]
+fn a_peer_cut_off_mid_transfer_leaves_the_others_to_finish() {
+    let mut net = Net::new();
+    let origin = net.host(1);
+    let coord = Coordinator::start_in(Some(&origin), &format!("{}.1:0", net.subnet));
+    let publisher = Publisher::new(&coord);
+    let img = image(41, 4 << 20);
+    std::fs::write(publisher.path("v1.img"), &img).unwrap();
+    publisher.release("1.0.0", &publisher.path("v1.img"));
+    let root = publisher.path("root.json");
+    let mesh = "enabled = true\nmdns = true\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\ndeadline = \"10s\"\n";
+
+    let seed = Agent::with_mesh(&coord, &root, "seed", mesh);
+    let seed_host = net.host(10);
+    let _seed = Daemons(vec![seed.spawn_run(Some(&seed_host))]);
+    wait_for("the seed to stage the release", SITE_LIMIT, || (seed.status()["state"] == "staged").then_some(()));
+
+    // The late-comer is slowed down so the seed's link can be cut while it downloads.
+    let late = Agent::with_mesh(&coord, &root, "late", mesh);
+    let config = late.dir.path().join("agent.toml");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("[device_id]", "max_download_rate = 1000000\n[device_id]");
+    std::fs::write(&config, text).unwrap();
+    let _late = Daemons(vec![late.spawn_run(Some(&net.host(11)))]);
+    let downloads = late.dir.path().join("state/downloads.log");
+    wait_for("a few chunks from the seed", SITE_LIMIT, || {
+        let n = std::fs::read_to_string(&downloads).unwrap_or_default().lines().filter(|l| l.contains("peer")).count();
+        (n >= 3).then_some(())
+    });
+    // Cut off, not killed: the seed's connections stay open on the late-comer's side and
+    // its requests go unanswered until they time out.
+    ip(&["netns", "exec", &seed_host, "ip", "link", "set", "eth0", "down"]);
+
+    wait_for("the late-comer to stage the release", SITE_LIMIT, || (late.status()["state"] == "staged").then_some(()));
+    assert_eq!(late.slot("b"), img, "the install finished with the right bytes\n{}", late.log());
+    let bytes = late.status()["target"]["bytes"].clone();
+    let (peer, cdn) = (bytes["peer"].as_u64().unwrap_or(0), bytes["cdn"].as_u64().unwrap_or(0));
+    assert!(peer > 0 && cdn > 0, "some from the seed, the rest from the CDN: {bytes}");
+    assert_eq!(peer + cdn, img.len() as u64, "{bytes}");
+}
