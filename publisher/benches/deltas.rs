@@ -14,6 +14,13 @@
 //! process (this binary re-run in apply mode) and reading its `VmHWM`. Above 128 MiB the C
 //! bsdiff takes hours, so the `qbsdiff` crate (parallel search) stands in for it.
 //!
+//! Other env vars: `FLOTILLA_DELTA_ONLY` (run only the pairs whose name contains it),
+//! `FLOTILLA_DELTA_VERBOSE=1` (print the patch's region table: op, lengths, payload bytes),
+//! `FLOTILLA_DELTA_LEVEL`, `FLOTILLA_DELTA_BSDIFF_MAX`, `FLOTILLA_DELTA_REGION_LEN` (override
+//! [`EncodeOptions`] fields, for experiments), `FLOTILLA_DELTA_ANCHOR_CACHE` (a file where the other tools' sizes and times are kept per
+//! pair and reused, to iterate on Flotilla's encoder without re-running them; leave it unset
+//! for reported figures).
+//!
 //! Last line: `deltas: pairs=<n> worst_ratio_vs_best=<x> max_encode_ratio_vs_zstd=<x> max_agent_rss_mib=<x>`.
 
 use std::collections::HashSet;
@@ -48,6 +55,10 @@ fn main() -> Result<()> {
             })
             .collect(),
         Err(_) => build_corpus()?,
+    };
+    let pairs: Vec<_> = match std::env::var("FLOTILLA_DELTA_ONLY") {
+        Ok(only) => pairs.into_iter().filter(|(name, _, _)| name.contains(&only)).collect(),
+        Err(_) => pairs,
     };
     let work = tempfile::tempdir()?;
     println!(
@@ -153,7 +164,7 @@ fn measure(name: &str, old: &Path, new: &Path, work: &Path) -> Result<Row> {
             &old_index,
             &std::fs::File::open(new)?,
             &new_index,
-            &EncodeOptions::default(),
+            &encode_options(),
             &mut out,
             &mut |_, _| {},
         )?;
@@ -162,8 +173,32 @@ fn measure(name: &str, old: &Path, new: &Path, work: &Path) -> Result<Row> {
     };
     let encode_s = started.elapsed().as_secs_f64();
     let rss_mib = apply_in_child(old, &patch_path, new, work)?;
+    if std::env::var_os("FLOTILLA_DELTA_VERBOSE").is_some() {
+        print_regions(&patch_path)?;
+    }
     let _ = std::fs::remove_file(&patch_path);
 
+    let cache = std::env::var_os("FLOTILLA_DELTA_ANCHOR_CACHE").map(PathBuf::from);
+    let key = format!("{}\t{}", old.display(), new.display());
+    if let Some(anchors) = cache.as_deref().and_then(|c| cached_anchors(c, &key)) {
+        let [bsdiff, xdelta, zstd] = [anchors[0], anchors[1], anchors[2]];
+        return Ok(Row {
+            new_size,
+            flotilla: stats.patch_size.min(chunks),
+            patch: stats.patch_size,
+            method: format!("{:?}", stats.method).to_lowercase(),
+            regions: stats.regions,
+            copied: stats.copied_bytes,
+            patched: stats.patched_bytes,
+            encode_s,
+            chunks,
+            bsdiff: (bsdiff.0 as u64, bsdiff.1),
+            xdelta: (xdelta.0 as u64, xdelta.1),
+            zstd: (zstd.0 as u64, zstd.1),
+            casync: anchors[3].0 as u64,
+            rss_mib,
+        });
+    }
     let bsdiff = if new_size.max(std::fs::metadata(old)?.len()) <= BSDIFF_MAX {
         tool(work, "bsdiff", &[old.as_os_str(), new.as_os_str()], true)?
     } else {
@@ -186,6 +221,11 @@ fn measure(name: &str, old: &Path, new: &Path, work: &Path) -> Result<Row> {
     )?;
     let zstd = zstd_patch(old, new, work)?;
     let casync = casync_new_bytes(old, new, work)?;
+    if let Some(cache) = cache {
+        let line =
+            format!("{key}\t{} {} {} {} {} {} {}\n", bsdiff.0, bsdiff.1, xdelta.0, xdelta.1, zstd.0, zstd.1, casync);
+        std::fs::OpenOptions::new().create(true).append(true).open(cache)?.write_all(line.as_bytes())?;
+    }
     Ok(Row {
         new_size,
         flotilla: stats.patch_size.min(chunks),
@@ -202,6 +242,52 @@ fn measure(name: &str, old: &Path, new: &Path, work: &Path) -> Result<Row> {
         casync,
         rss_mib,
     })
+}
+
+/// Default encode options, with the fields named by `FLOTILLA_DELTA_*` env vars overridden.
+fn encode_options() -> EncodeOptions {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<i64>().ok());
+    let mut opts = EncodeOptions::default();
+    if let Some(level) = var("FLOTILLA_DELTA_LEVEL") {
+        opts.level = level as i32;
+    }
+    if let Some(max) = var("FLOTILLA_DELTA_BSDIFF_MAX") {
+        opts.bsdiff_max = max as u64;
+    }
+    if let Some(len) = var("FLOTILLA_DELTA_REGION_LEN") {
+        opts.region_len = len as u64;
+    }
+    opts
+}
+
+/// (size, seconds) of bsdiff, xdelta3, zstd and (size, 0) of casync kept for `key`.
+fn cached_anchors(cache: &Path, key: &str) -> Option<[(f64, f64); 4]> {
+    let text = std::fs::read_to_string(cache).ok()?;
+    let line = text.lines().rev().find_map(|l| l.strip_prefix(key)?.strip_prefix('\t'))?;
+    let v: Vec<f64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let [b, bs, x, xs, z, zs, c] = v[..] else { return None };
+    Some([(b, bs), (x, xs), (z, zs), (c, 0.0)])
+}
+
+/// Prints a patch's region table: one line per region (op, new offset and length, reference
+/// extents and bytes, payload bytes), then the header and table bytes.
+fn print_regions(patch: &Path) -> Result<()> {
+    let mut file = BufReader::new(std::fs::File::open(patch)?);
+    let header = delta::PatchHeader::read(&mut file, &DeltaLimits::default())?;
+    let head_len = header.regions.first().map_or(0, |r| r.payload_offset);
+    for (i, r) in header.regions.iter().enumerate() {
+        println!(
+            "    region {i:>4} {:<6} new {:>10}+{:<8} extents {:>3} ref {:>8} payload {:>7}",
+            format!("{:?}", r.op).to_lowercase(),
+            r.new_offset,
+            r.new_len,
+            r.extents.len(),
+            r.reference_len(),
+            r.payload_len
+        );
+    }
+    println!("    header and table: {head_len} bytes");
+    Ok(())
 }
 
 /// Runs `program ARGS OUT` (the output file last), returns (output size, seconds).
