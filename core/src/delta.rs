@@ -16,7 +16,7 @@
 //!     32    8 region table length in bytes (as stored)
 //!     40    8 window: the largest reference or patched region in this patch
 //!     48    … region table, per region:
-//!               u8 op (0 copy, 1 zstd, 2 bsdiff), u8 reserved, u16 extent count,
+//!               u8 op (0 copy, 1 zstd, 2 bsdiff, 3 sparse bsdiff), u8 reserved, u16 extent count,
 //!               u64 new length, u64 payload length, then per extent u64 old offset, u64 length
 //!      …    … payloads, concatenated in table order
 //! ```
@@ -25,7 +25,11 @@
 //! **zstd** is a zstd frame compressed with the concatenated extents as reference prefix
 //! (`zstd --patch-from` on a window) and long-distance matching; **bsdiff** is a zstd frame of
 //! bsdiff-style records (add-to-old bytes, literal bytes, seek) against the concatenated
-//! extents. A zstd op with no extents is a plain zstd literal.
+//! extents; **sparse bsdiff** is the same with the add-to-old bytes run-length coded, so one
+//! region carries many small edits and the unchanged stretches between them for a few bytes
+//! each (op 3 came after the first agents: a reader without it refuses the table as
+//! malformed, and an agent then falls back to chunks). A zstd op with no extents is a plain
+//! zstd literal.
 //!
 //! [`apply`] reads the header and table (bounded by [`DeltaLimits::max_table_len`]), checks
 //! every offset and length against the old image and the limits before it allocates, then
@@ -254,6 +258,8 @@ pub enum RegionOp {
     Zstd,
     /// bsdiff-style records against the extents, in a zstd frame.
     Bsdiff,
+    /// bsdiff-style records with run-length coded add bytes, in a zstd frame.
+    BsdiffSparse,
 }
 
 impl RegionOp {
@@ -262,6 +268,7 @@ impl RegionOp {
             Self::Copy => 0,
             Self::Zstd => 1,
             Self::Bsdiff => 2,
+            Self::BsdiffSparse => 3,
         }
     }
 
@@ -270,6 +277,7 @@ impl RegionOp {
             0 => Some(Self::Copy),
             1 => Some(Self::Zstd),
             2 => Some(Self::Bsdiff),
+            3 => Some(Self::BsdiffSparse),
             _ => None,
         }
     }
@@ -429,7 +437,7 @@ impl PatchHeader {
     pub fn method(&self) -> DeltaMethod {
         let mut patched = self.regions.iter().filter(|r| r.op != RegionOp::Copy);
         match (patched.next(), patched.next()) {
-            (Some(r), None) if r.op == RegionOp::Bsdiff => DeltaMethod::Bsdiff,
+            (Some(r), None) if matches!(r.op, RegionOp::Bsdiff | RegionOp::BsdiffSparse) => DeltaMethod::Bsdiff,
             (Some(_), None) | (None, None) => DeltaMethod::Zstd,
             _ => DeltaMethod::Regions,
         }
@@ -661,9 +669,10 @@ impl<'a> RegionApplier<'a> {
                 apply_zstd(&mut payload, reference, region.new_len, out, buf, window)
                     .map_err(|e| region_error(number, e))?
             }
-            RegionOp::Bsdiff => {
+            RegionOp::Bsdiff | RegionOp::BsdiffSparse => {
                 load_reference(old, &region.extents, reference)?;
-                bsdiff::apply(&mut payload, reference, region.new_len, out, buf, window)
+                let sparse = region.op == RegionOp::BsdiffSparse;
+                bsdiff::apply(&mut payload, reference, region.new_len, out, buf, window, sparse)
                     .map_err(|e| region_error(number, e))?
             }
         };
@@ -698,7 +707,7 @@ fn check_region(region: &Region, old_size: u64, window: u64) -> Result<(), Delta
     match region.op {
         RegionOp::Copy if reference != region.new_len => Err(malformed("a copy region's extents do not add up")),
         RegionOp::Copy if region.payload_len != 0 => Err(malformed("a copy region has a payload")),
-        RegionOp::Zstd | RegionOp::Bsdiff if reference > window || region.new_len > window => {
+        RegionOp::Zstd | RegionOp::Bsdiff | RegionOp::BsdiffSparse if reference > window || region.new_len > window => {
             Err(malformed("a patched region is larger than the declared window"))
         }
         _ => Ok(()),
@@ -832,6 +841,7 @@ mod tests {
         let payload = match op {
             RegionOp::Zstd => compress_zstd(3, old, new).unwrap(),
             RegionOp::Bsdiff => bsdiff::diff(old, new, 3).unwrap(),
+            RegionOp::BsdiffSparse => bsdiff::diff_sparse(old, new, &bsdiff::records(old, new), 3).unwrap(),
             RegionOp::Copy => Vec::new(),
         };
         let header = PatchHeader {
@@ -880,6 +890,20 @@ mod tests {
     }
 
     #[test]
+    fn sparse_bsdiff_region_round_trips() {
+        let old = sample(100_000, 3);
+        let mut new = old.clone();
+        for i in (0..new.len()).step_by(4999) {
+            new[i] = new[i].wrapping_add(1);
+        }
+        new.extend_from_slice(&sample(3000, 12));
+        let patch = single_region_patch(RegionOp::BsdiffSparse, &old, &new);
+        let mut out = Vec::new();
+        apply(&mut patch.as_slice(), &old, &mut out, &DeltaLimits::default()).unwrap();
+        assert_eq!(out, new);
+    }
+
+    #[test]
     fn wrong_base_size_is_refused() {
         let old = sample(10_000, 4);
         let patch = single_region_patch(RegionOp::Zstd, &old, &sample(10_000, 5));
@@ -920,7 +944,7 @@ mod tests {
         let old = sample(50_000, 8);
         let mut new = old.clone();
         new.extend_from_slice(&sample(20_000, 9));
-        for op in [RegionOp::Zstd, RegionOp::Bsdiff] {
+        for op in [RegionOp::Zstd, RegionOp::Bsdiff, RegionOp::BsdiffSparse] {
             let patch = single_region_patch(op, &old, &new);
             for cut in 0..patch.len() {
                 let err = apply(&mut &patch[..cut], &old, &mut Vec::new(), &DeltaLimits::default());

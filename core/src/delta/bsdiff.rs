@@ -5,6 +5,14 @@
 //! `seek` (zigzag LEB128: move the old cursor), `add` (LEB128), `copy` (LEB128), then `add`
 //! bytes to add (wrapping) to the reference from the cursor, then `copy` literal bytes.
 //! A record producing nothing is refused, so a hostile frame cannot spin the applier.
+//!
+//! The sparse form ([`RegionOp::BsdiffSparse`](super::RegionOp::BsdiffSparse)) is the same
+//! record stream except that the `add` bytes are run-length coded: runs of `same` (LEB128:
+//! reference bytes taken unchanged) and `diff` (LEB128, then that many bytes to add), until
+//! the record's `add` bytes are produced; a run producing nothing is refused. Unchanged
+//! stretches then cost a few bytes whatever their length, so one region can carry many
+//! small edits and the long copies between them (a zstd frame spends bytes on every
+//! 128 KiB block, a region record in the table about as many as a small edit).
 
 use std::io::{self, BufReader, Read, Write};
 
@@ -20,18 +28,125 @@ const MAX_PATTERN: usize = 64 << 10;
 /// zeros), and a small window keeps the applier's decoder small.
 const STREAM_WINDOW_LOG: u32 = 22;
 
+/// In the sparse form, unchanged runs shorter than this stay inside the diff bytes (as
+/// zeros): two LEB128 lengths cost about what zstd spends on a short run of zeros.
+const MIN_SAME_RUN: usize = 8;
+
+/// One record: from reference position `old_pos`, `add` bytes of `new` starting at
+/// `new_pos` are the reference plus a diff; the `copy` bytes after them are literal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Record {
+    pub(super) old_pos: usize,
+    pub(super) new_pos: usize,
+    pub(super) add: usize,
+    pub(super) copy: usize,
+}
+
 /// Encodes `new` against `reference`.
 pub(super) fn diff(reference: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
-    let records = records(reference, new);
-    let mut encoder = zstd::stream::raw::Encoder::new(level)?;
+    compress(&serialize(reference, new, &records(reference, new), false), level)
+}
+
+/// Encodes `new` against `reference` in the sparse form, from records whose positions are in
+/// `reference` and `new` (see [`records`]; they must cover `new` in order).
+pub(super) fn diff_sparse(reference: &[u8], new: &[u8], records: &[Record], level: i32) -> io::Result<Vec<u8>> {
+    let stream = serialize(reference, new, records, true);
+    if stream.len() > MAX_PREFIXED_STREAM {
+        return compress(&stream, level);
+    }
+    let mut encoder = zstd::stream::raw::Encoder::with_ref_prefix(level, reference)?;
     use zstd::stream::raw::CParameter;
-    encoder.set_parameter(CParameter::WindowLog(window_log(0, records.len() as u64).min(STREAM_WINDOW_LOG)))?;
+    encoder.set_parameter(CParameter::WindowLog(window_log(reference.len() as u64, stream.len() as u64)))?;
     encoder.set_parameter(CParameter::ChecksumFlag(false))?;
-    encoder.set_pledged_src_size(Some(records.len() as u64))?;
-    let mut writer = zstd::stream::zio::Writer::new(Vec::with_capacity(records.len() / 8 + 64), encoder);
-    writer.write_all(&records)?;
+    encoder.set_parameter(CParameter::ContentSizeFlag(true))?;
+    encoder.set_pledged_src_size(Some(stream.len() as u64))?;
+    let mut writer = zstd::stream::zio::Writer::new(Vec::with_capacity(stream.len() / 8 + 64), encoder);
+    writer.write_all(&stream)?;
     writer.finish()?;
     Ok(writer.into_inner().0)
+}
+
+/// Longest sparse record stream compressed with the reference as prefix: past this the
+/// stream carries whole changed files, whose literals bsdiff already matched where it could,
+/// and indexing the reference would cost more time than it saves bytes.
+const MAX_PREFIXED_STREAM: usize = 1 << 20;
+
+/// Folds records whose `add` is shorter than `min_add` into the literal bytes of the record
+/// before: many short approximate matches cost more as records than as literals that the
+/// stream's compressor matches against the reference.
+pub(super) fn coarsen(records: Vec<Record>, min_add: usize) -> Vec<Record> {
+    let mut out: Vec<Record> = Vec::with_capacity(records.len());
+    for r in records {
+        match out.last_mut() {
+            Some(last) if r.add < min_add && last.new_pos + last.add + last.copy == r.new_pos => {
+                last.copy += r.add + r.copy;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+fn compress(stream: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    let mut encoder = zstd::stream::raw::Encoder::new(level)?;
+    use zstd::stream::raw::CParameter;
+    encoder.set_parameter(CParameter::WindowLog(window_log(0, stream.len() as u64).min(STREAM_WINDOW_LOG)))?;
+    encoder.set_parameter(CParameter::ChecksumFlag(false))?;
+    encoder.set_pledged_src_size(Some(stream.len() as u64))?;
+    let mut writer = zstd::stream::zio::Writer::new(Vec::with_capacity(stream.len() / 8 + 64), encoder);
+    writer.write_all(stream)?;
+    writer.finish()?;
+    Ok(writer.into_inner().0)
+}
+
+/// The decoded record stream for `records`.
+fn serialize(old: &[u8], new: &[u8], records: &[Record], sparse: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(new.len() / 4 + 64);
+    let mut cursor = 0usize;
+    for r in records {
+        // A record adding nothing leaves the cursor where it is.
+        let old_pos = if r.add == 0 { cursor } else { r.old_pos };
+        push_varint(&mut out, zigzag(old_pos as i64 - cursor as i64));
+        push_varint(&mut out, r.add as u64);
+        push_varint(&mut out, r.copy as u64);
+        let diff = new[r.new_pos..r.new_pos + r.add]
+            .iter()
+            .zip(&old[old_pos..old_pos + r.add])
+            .map(|(n, o)| n.wrapping_sub(*o));
+        if sparse {
+            push_runs(&mut out, diff);
+        } else {
+            out.extend(diff);
+        }
+        let copy_start = r.new_pos + r.add;
+        out.extend_from_slice(&new[copy_start..copy_start + r.copy]);
+        cursor = old_pos + r.add;
+    }
+    out
+}
+
+/// Run-length codes diff bytes: (`same`, `diff`, diff bytes) runs; zero runs shorter than
+/// [`MIN_SAME_RUN`] stay inside the diff bytes, except at the very end.
+fn push_runs(out: &mut Vec<u8>, diff: impl Iterator<Item = u8>) {
+    let diff: Vec<u8> = diff.collect();
+    let mut i = 0usize;
+    while i < diff.len() {
+        let zeros = diff[i..].iter().take_while(|b| **b == 0).count();
+        let same = if zeros >= MIN_SAME_RUN || i + zeros == diff.len() { zeros } else { 0 };
+        let start = i + same;
+        let mut end = start;
+        while end < diff.len() {
+            let run = diff[end..].iter().take(MIN_SAME_RUN).take_while(|b| **b == 0).count();
+            if run >= MIN_SAME_RUN {
+                break;
+            }
+            end += run.max(1);
+        }
+        push_varint(out, same as u64);
+        push_varint(out, (end - start) as u64);
+        out.extend_from_slice(&diff[start..end]);
+        i = end;
+    }
 }
 
 fn push_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -52,19 +167,16 @@ fn unzigzag(value: u64) -> i64 {
 
 /// The classic bsdiff scan: find an exact match, extend it approximately forwards and
 /// backwards, and emit what lies between as add (approximate) and copy (literal) bytes.
-fn records(old: &[u8], new: &[u8]) -> Vec<u8> {
+pub(super) fn records(old: &[u8], new: &[u8]) -> Vec<Record> {
     if old.is_empty() {
-        let mut out = Vec::with_capacity(new.len() + 16);
-        if !new.is_empty() {
-            push_varint(&mut out, 0);
-            push_varint(&mut out, 0);
-            push_varint(&mut out, new.len() as u64);
-            out.extend_from_slice(new);
-        }
-        return out;
+        return if new.is_empty() {
+            Vec::new()
+        } else {
+            vec![Record { old_pos: 0, new_pos: 0, add: 0, copy: new.len() }]
+        };
     }
     let sa = SuffixArray::new(old);
-    let mut out = Vec::with_capacity(new.len() / 4 + 64);
+    let mut out = Vec::new();
     let search = |scan: usize| -> (usize, usize) {
         let end = new.len().min(scan + MAX_PATTERN);
         let range = sa.search_lcp(&new[scan..end]);
@@ -73,7 +185,6 @@ fn records(old: &[u8], new: &[u8]) -> Vec<u8> {
     let (old_len, new_len) = (old.len(), new.len());
     let (mut scan, mut len, mut pos) = (0usize, 0usize, 0usize);
     let (mut last_scan, mut last_pos, mut last_offset) = (0usize, 0usize, 0isize);
-    let mut cursor = 0usize;
     let old_at = |i: isize| -> Option<u8> { usize::try_from(i).ok().and_then(|i| old.get(i).copied()) };
     while scan < new_len {
         let mut old_score = 0usize;
@@ -147,17 +258,7 @@ fn records(old: &[u8], new: &[u8]) -> Vec<u8> {
             let copy_start = last_scan + len_f;
             let copy_end = scan - len_b;
             if len_f + (copy_end - copy_start) > 0 {
-                push_varint(&mut out, zigzag(last_pos as i64 - cursor as i64));
-                push_varint(&mut out, len_f as u64);
-                push_varint(&mut out, (copy_end - copy_start) as u64);
-                out.extend(
-                    new[last_scan..copy_start]
-                        .iter()
-                        .zip(&old[last_pos..last_pos + len_f])
-                        .map(|(n, o)| n.wrapping_sub(*o)),
-                );
-                out.extend_from_slice(&new[copy_start..copy_end]);
-                cursor = last_pos + len_f;
+                out.push(Record { old_pos: last_pos, new_pos: last_scan, add: len_f, copy: copy_end - copy_start });
             }
             last_scan = scan - len_b;
             last_pos = pos - len_b;
@@ -187,7 +288,8 @@ fn read_exact(reader: &mut dyn Read, buf: &mut [u8]) -> Result<(), RegionFailure
     })
 }
 
-/// Applies one bsdiff region from `payload` (its exact payload bytes) to `reference`.
+/// Applies one bsdiff region from `payload` (its exact payload bytes) to `reference`; `sparse`
+/// for the run-length coded form.
 pub(super) fn apply(
     payload: &mut dyn Read,
     reference: &[u8],
@@ -195,12 +297,16 @@ pub(super) fn apply(
     out: &mut dyn Write,
     buf: &mut [u8],
     window: u64,
+    sparse: bool,
 ) -> Result<u64, RegionFailure> {
     let corrupt = |e: io::Error| RegionFailure::Corrupt(e.to_string());
-    let mut decoder = zstd::stream::raw::Decoder::new().map_err(corrupt)?;
-    decoder
-        .set_parameter(zstd::stream::raw::DParameter::WindowLogMax(window_log(0, window).max(STREAM_WINDOW_LOG)))
-        .map_err(corrupt)?;
+    // The sparse form's stream may use the reference as its prefix (as a zstd region does).
+    let (mut decoder, log_max) = if sparse {
+        (zstd::stream::raw::Decoder::with_ref_prefix(reference).map_err(corrupt)?, window_log(window, window))
+    } else {
+        (zstd::stream::raw::Decoder::new().map_err(corrupt)?, window_log(0, window).max(STREAM_WINDOW_LOG))
+    };
+    decoder.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(log_max)).map_err(corrupt)?;
     let mut stream = zstd::stream::zio::Reader::new(BufReader::with_capacity(IO_BUF_LEN, payload), decoder);
     stream.set_single_frame();
     let mut cursor = 0u64;
@@ -220,15 +326,34 @@ pub(super) fn apply(
         }
         let mut left = add;
         while left > 0 {
-            let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-            read_exact(&mut stream, &mut buf[..n])?;
+            let (same, diff) = if sparse {
+                let same = read_varint(&mut stream)?;
+                let diff = read_varint(&mut stream)?;
+                match same.checked_add(diff) {
+                    Some(run) if run > 0 && run <= left => (same, diff),
+                    _ => return Err(RegionFailure::Corrupt("a run produces nothing or too much".into())),
+                }
+            } else {
+                (0, left)
+            };
             let start = usize::try_from(cursor).unwrap_or(usize::MAX);
-            for (b, o) in buf[..n].iter_mut().zip(&reference[start..start + n]) {
-                *b = b.wrapping_add(*o);
+            let same_len = usize::try_from(same).unwrap_or(usize::MAX);
+            out.write_all(&reference[start..start + same_len]).map_err(RegionFailure::Write)?;
+            cursor += same;
+            left -= same;
+            let mut diff_left = diff;
+            while diff_left > 0 {
+                let n = usize::try_from(diff_left.min(buf.len() as u64)).unwrap_or(buf.len());
+                read_exact(&mut stream, &mut buf[..n])?;
+                let start = usize::try_from(cursor).unwrap_or(usize::MAX);
+                for (b, o) in buf[..n].iter_mut().zip(&reference[start..start + n]) {
+                    *b = b.wrapping_add(*o);
+                }
+                out.write_all(&buf[..n]).map_err(RegionFailure::Write)?;
+                cursor += n as u64;
+                diff_left -= n as u64;
             }
-            out.write_all(&buf[..n]).map_err(RegionFailure::Write)?;
-            cursor += n as u64;
-            left -= n as u64;
+            left -= diff;
         }
         let mut left = copy;
         while left > 0 {
@@ -271,7 +396,45 @@ mod tests {
         assert!(patch.len() < 200, "{} bytes", patch.len());
         let mut out = Vec::new();
         let mut buf = vec![0u8; 4096];
-        apply(&mut patch.as_slice(), &old, new.len() as u64, &mut out, &mut buf, 1 << 20).unwrap();
+        apply(&mut patch.as_slice(), &old, new.len() as u64, &mut out, &mut buf, 1 << 20, false).unwrap();
         assert_eq!(out, new);
+    }
+
+    #[test]
+    fn sparse_records_round_trip_and_skip_unchanged_runs() {
+        let old: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let mut new = old.clone();
+        new[5] ^= 1;
+        new[150_000] = new[150_000].wrapping_add(3);
+        new[150_004] = new[150_004].wrapping_add(3);
+        new.extend_from_slice(b"some literal tail");
+        let recs = records(&old, &new);
+        let sparse = diff_sparse(&old, &new, &recs, 19).unwrap();
+        let classic = diff(&old, &new, 19).unwrap();
+        assert!(sparse.len() < 80, "sparse {} bytes (classic {})", sparse.len(), classic.len());
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        apply(&mut sparse.as_slice(), &old, new.len() as u64, &mut out, &mut buf, 1 << 20, true).unwrap();
+        assert_eq!(out, new);
+    }
+
+    #[test]
+    fn runs_code_any_diff() {
+        for diff in [vec![], vec![0u8; 3], vec![0u8; 20], vec![1, 0, 0, 2], vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0]] {
+            let mut out = Vec::new();
+            push_runs(&mut out, diff.iter().copied());
+            let (mut pos, mut got) = (0usize, Vec::new());
+            let mut reader = out.as_slice();
+            while got.len() < diff.len() {
+                let same = read_varint(&mut reader).unwrap() as usize;
+                let n = read_varint(&mut reader).unwrap() as usize;
+                assert!(same + n > 0);
+                got.extend(std::iter::repeat_n(0u8, same));
+                got.extend_from_slice(&reader[..n]);
+                reader = &reader[n..];
+                pos += same + n;
+            }
+            assert_eq!((got, pos, reader.len()), (diff.clone(), diff.len(), 0));
+        }
     }
 }
