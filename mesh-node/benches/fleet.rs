@@ -13,7 +13,8 @@
 //! the bench says so and stops. Settings (environment): `FLOTILLA_FLEET_MIB` release size in
 //! MiB (256), `FLOTILLA_FLEET_DEVICES` (30), `FLOTILLA_FLEET_UPLINK` the origin link's rate as
 //! `tc` writes it (`100mbit`), `FLOTILLA_FLEET_SKIP` a comma list of runs to leave out
-//! (`flotilla`, `bittorrent`, `cdn`; their figure prints as `nan`).
+//! (`flotilla`, `bittorrent`, `cdn`; their figure prints as `nan`), `FLOTILLA_FLEET_TRANSPORT`
+//! the agents' mesh transport (`tcp`, the default, or `quic`).
 
 #[allow(dead_code, unreachable_pub, unused_imports)]
 #[path = "../tests/it/support.rs"]
@@ -50,6 +51,8 @@ fn main() {
     let devices: usize = env_or("FLOTILLA_FLEET_DEVICES", 30);
     let uplink: String = env_or("FLOTILLA_FLEET_UPLINK", "100mbit".to_owned());
     let skip: String = env_or("FLOTILLA_FLEET_SKIP", String::new());
+    let transport: String = env_or("FLOTILLA_FLEET_TRANSPORT", "tcp".to_owned());
+    assert!(["tcp", "quic"].contains(&transport.as_str()), "FLOTILLA_FLEET_TRANSPORT must be tcp or quic");
     assert!((1..=200).contains(&devices), "FLOTILLA_FLEET_DEVICES must be 1-200");
 
     // The site's hosts share this kernel; with br_netfilter loaded (Docker loads it) every
@@ -74,8 +77,12 @@ fn main() {
     let (mut flotilla_s, mut ratio) = (f64::NAN, f64::NAN);
     if !skip.contains("flotilla") {
         let before = coord.bytes_served();
-        let mesh = "enabled = true\nmdns = true\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\ndeadline = \"120s\"\n";
-        flotilla_s = agents_run(&coord, &root, &hosts, mesh, mib);
+        let listen = match transport.as_str() {
+            "quic" => "/ip4/0.0.0.0/udp/0/quic-v1",
+            _ => "/ip4/0.0.0.0/tcp/0",
+        };
+        let mesh = format!("enabled = true\nmdns = true\nlisten = [\"{listen}\"]\ndeadline = \"120s\"\n");
+        flotilla_s = agents_run(&coord, &root, &hosts, &mesh, mib);
         ratio = (coord.bytes_served() - before) as f64 / unique as f64;
         eprintln!("fleet: flotilla {flotilla_s:.1} s, origin bytes / unique bytes {ratio:.3}");
     }
