@@ -154,13 +154,13 @@ struct ServedIndex {
 }
 
 impl ServedIndex {
-    fn new(index: &ChunkIndex, held: &std::collections::HashSet<ChunkId>) -> Self {
+    fn new(index: &ChunkIndex, encoded: Vec<u8>, held: &std::collections::HashSet<ChunkId>) -> Self {
         let mut entries: HashMap<ChunkId, Vec<u32>> = HashMap::with_capacity(index.len());
         for (i, e) in index.entries().iter().enumerate() {
             entries.entry(e.id).or_default().push(u32::try_from(i).unwrap_or(u32::MAX));
         }
         let mut served =
-            Self { encoded: Arc::new(index.encode()), have_map: vec![0u8; index.len().div_ceil(8).max(1)], entries };
+            Self { encoded: Arc::new(encoded), have_map: vec![0u8; index.len().div_ceil(8).max(1)], entries };
         for id in held {
             served.set(id);
         }
@@ -196,7 +196,8 @@ impl SlotChunks {
         slots.retain(|(p, _)| *p != path);
         slots.push((path, Arc::new(map)));
         drop(slots);
-        let id = index.id();
+        let encoded = index.encode();
+        let id = IndexId::of(&encoded);
         let mut indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
         if indexes.contains_key(&id) {
             return;
@@ -206,7 +207,7 @@ impl SlotChunks {
             indexes.clear();
         }
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        indexes.insert(id, ServedIndex::new(index, &held));
+        indexes.insert(id, ServedIndex::new(index, encoded, &held));
     }
 
     /// Every chunk of release `id` is held (the installed release).
@@ -468,11 +469,16 @@ impl PeerFirst {
 
     /// Whether this agent is the one of its site to fetch `id` from the origin.
     async fn is_origin_fetcher(&self, id: &ChunkId) -> bool {
-        let me = self.mesh.peer_id();
-        let Ok(peers) = self.mesh.peers().await else { return true };
-        let agents: Vec<flotilla_mesh::PeerId> =
-            peers.iter().filter(|p| p.role == Some(Role::Agent)).map(|p| p.id).chain([me]).collect();
-        flotilla_mesh::fetcher_for(id, &agents) == Some(me)
+        let Some(agents) = self.site_agents().await else { return true };
+        flotilla_mesh::fetcher_for(id, &agents) == Some(self.mesh.peer_id())
+    }
+
+    /// The agents the site's origin rendezvous runs over: the connected agents and this one
+    /// (`None` when the mesh stopped).
+    async fn site_agents(&self) -> Option<Vec<flotilla_mesh::PeerId>> {
+        let peers = self.mesh.peers().await.ok()?;
+        let agents = peers.iter().filter(|p| p.role == Some(Role::Agent)).map(|p| p.id);
+        Some(agents.chain([self.mesh.peer_id()]).collect())
     }
 
     /// Puts first the chunks this agent is its site's origin fetcher for (rendezvous over the
@@ -483,13 +489,11 @@ impl PeerFirst {
     /// fetcher's share is about when peers have it, and the rest is asked for in that order.
     /// With no other agent (or no origin to fetch from) nothing is put first.
     pub(crate) async fn origin_first(&self, order: &mut Vec<ChunkId>) -> usize {
-        let me = self.mesh.peer_id();
-        let Ok(peers) = self.mesh.peers().await else { return 0 };
-        let agents: Vec<flotilla_mesh::PeerId> =
-            peers.iter().filter(|p| p.role == Some(Role::Agent)).map(|p| p.id).chain([me]).collect();
         if self.origin == Origin::PeersOnly {
             return 0;
         }
+        let me = self.mesh.peer_id();
+        let Some(agents) = self.site_agents().await else { return 0 };
         if agents.len() <= 1 {
             return order.len();
         }

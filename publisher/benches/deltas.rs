@@ -180,25 +180,44 @@ fn measure(name: &str, old: &Path, new: &Path, work: &Path) -> Result<Row> {
 
     let cache = std::env::var_os("FLOTILLA_DELTA_ANCHOR_CACHE").map(PathBuf::from);
     let key = format!("{}\t{}", old.display(), new.display());
-    if let Some(anchors) = cache.as_deref().and_then(|c| cached_anchors(c, &key)) {
-        let [bsdiff, xdelta, zstd] = [anchors[0], anchors[1], anchors[2]];
-        return Ok(Row {
-            new_size,
-            flotilla: stats.patch_size.min(chunks),
-            patch: stats.patch_size,
-            method: format!("{:?}", stats.method).to_lowercase(),
-            regions: stats.regions,
-            copied: stats.copied_bytes,
-            patched: stats.patched_bytes,
-            encode_s,
-            chunks,
-            bsdiff: (bsdiff.0 as u64, bsdiff.1),
-            xdelta: (xdelta.0 as u64, xdelta.1),
-            zstd: (zstd.0 as u64, zstd.1),
-            casync: anchors[3].0 as u64,
-            rss_mib,
-        });
-    }
+    let (bsdiff, xdelta, zstd, casync) = match cache.as_deref().and_then(|c| cached_anchors(c, &key)) {
+        Some([b, x, z, c]) => ((b.0 as u64, b.1), (x.0 as u64, x.1), (z.0 as u64, z.1), c.0 as u64),
+        None => {
+            let measured = measure_anchors(old, new, new_size, work)?;
+            if let Some(cache) = cache {
+                let (b, x, z, c) = measured;
+                let line = format!("{key}\t{} {} {} {} {} {} {c}\n", b.0, b.1, x.0, x.1, z.0, z.1);
+                std::fs::OpenOptions::new().create(true).append(true).open(cache)?.write_all(line.as_bytes())?;
+            }
+            measured
+        }
+    };
+    Ok(Row {
+        new_size,
+        flotilla: stats.patch_size.min(chunks),
+        patch: stats.patch_size,
+        method: format!("{:?}", stats.method).to_lowercase(),
+        regions: stats.regions,
+        copied: stats.copied_bytes,
+        patched: stats.patched_bytes,
+        encode_s,
+        chunks,
+        bsdiff,
+        xdelta,
+        zstd,
+        casync,
+        rss_mib,
+    })
+}
+
+/// The anchor tools on one pair: bsdiff's, xdelta3's and zstd's (bytes, seconds), casync's
+/// new-chunk bytes.
+fn measure_anchors(
+    old: &Path,
+    new: &Path,
+    new_size: u64,
+    work: &Path,
+) -> Result<((u64, f64), (u64, f64), (u64, f64), u64)> {
     let bsdiff = if new_size.max(std::fs::metadata(old)?.len()) <= BSDIFF_MAX {
         tool(work, "bsdiff", &[old.as_os_str(), new.as_os_str()], true)?
     } else {
@@ -221,27 +240,7 @@ fn measure(name: &str, old: &Path, new: &Path, work: &Path) -> Result<Row> {
     )?;
     let zstd = zstd_patch(old, new, work)?;
     let casync = casync_new_bytes(old, new, work)?;
-    if let Some(cache) = cache {
-        let line =
-            format!("{key}\t{} {} {} {} {} {} {}\n", bsdiff.0, bsdiff.1, xdelta.0, xdelta.1, zstd.0, zstd.1, casync);
-        std::fs::OpenOptions::new().create(true).append(true).open(cache)?.write_all(line.as_bytes())?;
-    }
-    Ok(Row {
-        new_size,
-        flotilla: stats.patch_size.min(chunks),
-        patch: stats.patch_size,
-        method: format!("{:?}", stats.method).to_lowercase(),
-        regions: stats.regions,
-        copied: stats.copied_bytes,
-        patched: stats.patched_bytes,
-        encode_s,
-        chunks,
-        bsdiff,
-        xdelta,
-        zstd,
-        casync,
-        rss_mib,
-    })
+    Ok((bsdiff, xdelta, zstd, casync))
 }
 
 /// Default encode options, with the fields named by `FLOTILLA_DELTA_*` env vars overridden.

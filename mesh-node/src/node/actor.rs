@@ -349,6 +349,8 @@ impl MeshActor {
         tracing::debug!("mesh node stopped");
     }
 
+    /// Dials `addr` unless its peer (`/p2p/...`) is connected, banned or already being dialled
+    /// (bootstrap peers and mDNS finds are dialled again every tick while not connected).
     fn dial(&mut self, addr: Multiaddr) {
         let peer = addr.iter().find_map(|p| match p {
             Protocol::P2p(id) => Some(id),
@@ -357,7 +359,14 @@ impl MeshActor {
         if peer.is_some_and(|p| self.peers.contains_key(&p) || self.banned.contains_key(&p)) {
             return;
         }
-        if let Err(e) = self.swarm.dial(addr.clone()) {
+        let opts = match peer {
+            Some(peer) => DialOpts::peer_id(peer)
+                .addresses(vec![addr.clone()])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build(),
+            None => DialOpts::from(addr.clone()),
+        };
+        if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%addr, error = %e, "dial failed");
         }
     }
@@ -373,20 +382,10 @@ impl MeshActor {
         for addr in self.config.bootstrap.clone() {
             self.dial(addr);
         }
-        let lost: Vec<(PeerId, Multiaddr)> = self
-            .discovered
-            .iter()
-            .filter(|(p, _)| !self.peers.contains_key(p) && !self.banned.contains_key(p))
-            .map(|(p, a)| (*p, a.clone()))
-            .collect();
-        for (peer, addr) in lost {
-            let opts = DialOpts::peer_id(peer)
-                .addresses(vec![addr])
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            if let Err(e) = self.swarm.dial(opts) {
-                tracing::debug!(%peer, error = %e, "dial failed");
-            }
+        let found: Vec<Multiaddr> =
+            self.discovered.iter().map(|(peer, addr)| addr.clone().with(Protocol::P2p(*peer))).collect();
+        for addr in found {
+            self.dial(addr);
         }
         self.refresh_haves();
         self.kademlia_tick();
@@ -635,10 +634,8 @@ impl MeshActor {
                     {
                         self.discovered.insert(peer, addr.clone());
                     }
-                    if !self.peers.contains_key(&peer) && !self.banned.contains_key(&peer) {
-                        tracing::debug!(%peer, %addr, "discovered on the local network");
-                        self.dial(addr.with(Protocol::P2p(peer)));
-                    }
+                    tracing::debug!(%peer, %addr, "discovered on the local network");
+                    self.dial(addr.with(Protocol::P2p(peer)));
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
