@@ -688,6 +688,9 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
         hash_ms = Phases::ms(&phases.hash),
         "install phases (busy time summed over parallel tasks)"
     );
+    if let ChunkSource::Peer(p) = &plan.source {
+        p.log_stats().await;
+    }
     Ok(Written { bytes: progress.bytes, sha256 })
 }
 

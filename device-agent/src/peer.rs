@@ -522,6 +522,22 @@ impl PeerFirst {
         }
     }
 
+    /// Logs the mesh's counters (at the end of an install).
+    pub(crate) async fn log_stats(&self) {
+        if let Ok(s) = self.mesh.stats().await {
+            tracing::info!(
+                fetched_chunks = s.fetched_chunks,
+                requests = s.requests,
+                served_chunks = s.served_chunks,
+                served_requests = s.served_requests,
+                busy = s.busy,
+                bad_chunks = s.bad_chunks,
+                peers = s.peers,
+                "mesh counters"
+            );
+        }
+    }
+
     fn record(&self, id: &ChunkId, source: &'static str) {
         self.provider.mark_held(id);
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, source);

@@ -14,7 +14,8 @@
 //! MiB (256), `FLOTILLA_FLEET_DEVICES` (30), `FLOTILLA_FLEET_UPLINK` the origin link's rate as
 //! `tc` writes it (`100mbit`), `FLOTILLA_FLEET_SKIP` a comma list of runs to leave out
 //! (`flotilla`, `bittorrent`, `cdn`; their figure prints as `nan`), `FLOTILLA_FLEET_TRANSPORT`
-//! the agents' mesh transport (`tcp`, the default, or `quic`).
+//! the agents' mesh transport (`tcp`, the default, or `quic`), `FLOTILLA_FLEET_LOGS` a directory
+//! to copy each agent's log to (`agent-<n>.log`, the last run's).
 
 #[allow(dead_code, unreachable_pub, unused_imports)]
 #[path = "../tests/it/support.rs"]
@@ -82,23 +83,47 @@ fn main() {
             _ => "/ip4/0.0.0.0/tcp/0",
         };
         let mesh = format!("enabled = true\nmdns = true\nlisten = [\"{listen}\"]\ndeadline = \"120s\"\n");
+        let cpu = children_cpu_s();
         flotilla_s = agents_run(&coord, &root, &hosts, &mesh, mib);
+        let cpu = children_cpu_s() - cpu;
         ratio = (coord.bytes_served() - before) as f64 / unique as f64;
-        eprintln!("fleet: flotilla {flotilla_s:.1} s, origin bytes / unique bytes {ratio:.3}");
+        eprintln!("fleet: flotilla {flotilla_s:.1} s, {cpu:.0} agent CPU-s, origin bytes / unique bytes {ratio:.3}");
     }
     let mut bittorrent_s = f64::NAN;
     if !skip.contains("bittorrent") {
+        let cpu = children_cpu_s();
         bittorrent_s = bittorrent_run(&origin, &hosts, &img_path, mib);
-        eprintln!("fleet: bittorrent {bittorrent_s:.1} s");
+        let cpu = children_cpu_s() - cpu;
+        eprintln!("fleet: bittorrent {bittorrent_s:.1} s, {cpu:.0} aria2c CPU-s (seed included)");
     }
     let mut cdn_s = f64::NAN;
     if !skip.contains("cdn") {
+        let cpu = children_cpu_s();
         cdn_s = agents_run(&coord, &root, &hosts, "enabled = false\n", mib);
-        eprintln!("fleet: cdn only {cdn_s:.1} s");
+        let cpu = children_cpu_s() - cpu;
+        eprintln!("fleet: cdn only {cdn_s:.1} s, {cpu:.0} agent CPU-s");
     }
     println!(
         "fleet: devices={devices} origin_bytes_ratio={ratio:.3} flotilla_s={flotilla_s:.1} bittorrent_s={bittorrent_s:.1} cdn_only_s={cdn_s:.1}"
     );
+}
+
+/// CPU-seconds (user and system) of this process's children that have exited and been
+/// waited for (`cutime` and `cstime` of `/proc/self/stat`): taken around a run, the CPU its
+/// daemons used, which is what bounds completion on a small machine.
+fn children_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[13].parse::<f64>().expect("cutime") + fields[14].parse::<f64>().expect("cstime");
+    let hz = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    ticks / hz
 }
 
 /// `net.bridge.bridge-nf-call-*` set to 0 while it lives (absent without br_netfilter).
@@ -158,6 +183,12 @@ fn agents_run(coord: &Coordinator, root: &Path, hosts: &[String], mesh: &str, mi
     }
     let secs = started.elapsed().as_secs_f64();
     drop(daemons);
+    if let Ok(dir) = std::env::var("FLOTILLA_FLEET_LOGS") {
+        std::fs::create_dir_all(&dir).expect("log dir");
+        for (i, a) in agents.iter().enumerate() {
+            let _ = std::fs::copy(a.dir.path().join("agent.log"), Path::new(&dir).join(format!("agent-{i}.log")));
+        }
+    }
     secs
 }
 

@@ -274,8 +274,8 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
                 let s = mesh.stats().await?;
                 let st = store.stats();
                 println!(
-                    "stats peers={} served_chunks={} served_bytes={} busy={} bans={} bad_chunks={} store_chunks={} store_bytes={} offers_sent={offered}",
-                    s.peers, s.served_chunks, s.served_bytes, s.busy, s.bans, s.bad_chunks, st.chunks, st.bytes
+                    "stats peers={} served_chunks={} served_requests={} served_bytes={} busy={} bans={} bad_chunks={} store_chunks={} store_bytes={} offers_sent={offered}",
+                    s.peers, s.served_chunks, s.served_requests, s.served_bytes, s.busy, s.bans, s.bad_chunks, st.chunks, st.bytes
                 );
             }
         }
@@ -301,6 +301,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, mesh: Mesh, store: Arc
             let body = format!(
                 "# TYPE flotilla_mesh_peers gauge\nflotilla_mesh_peers {}\n\
                  # TYPE flotilla_mesh_served_chunks_total counter\nflotilla_mesh_served_chunks_total {}\n\
+                 # TYPE flotilla_mesh_served_requests_total counter\nflotilla_mesh_served_requests_total {}\n\
                  # TYPE flotilla_mesh_served_bytes_total counter\nflotilla_mesh_served_bytes_total {}\n\
                  # TYPE flotilla_mesh_busy_total counter\nflotilla_mesh_busy_total {}\n\
                  # TYPE flotilla_mesh_bad_chunks_total counter\nflotilla_mesh_bad_chunks_total {}\n\
@@ -310,6 +311,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, mesh: Mesh, store: Arc
                  # TYPE flotilla_mesh_store_max_bytes gauge\nflotilla_mesh_store_max_bytes {}\n",
                 s.peers,
                 s.served_chunks,
+                s.served_requests,
                 s.served_bytes,
                 s.busy,
                 s.bad_chunks,

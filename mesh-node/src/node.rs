@@ -3,11 +3,13 @@
 //! The actor runs the swarm (TCP with Noise and Yamux, optionally inside a fleet-private
 //! network (pnet); QUIC; identify; mDNS; Kademlia with one provider record per release;
 //! gossipsub; the chunk protocol; connection limits and a block list for bans) and answers
-//! commands from the handle. Serving reads the [`ChunkProvider`] on a blocking thread, at most
-//! [`MeshConfig::max_uploads`] at a time (beyond that peers are told `Busy`). Fetching asks
-//! one peer at a time per call, the fastest free one first, with at most
-//! [`MAX_IN_FLIGHT_PER_PEER`] requests per peer; callers fetch many chunks in parallel, so
-//! load spreads over peers. Every object is verified against its id before [`Mesh::fetch`]
+//! commands from the handle. Serving reads the [`ChunkProvider`] on a blocking thread, one
+//! call per request, at most [`MeshConfig::max_uploads`] requests at a time (four times as many
+//! wait for a slot; beyond that peers are told `Busy`). Fetching asks one peer at a time per chunk, the fastest free one first,
+//! with at most [`MAX_IN_FLIGHT_PER_PEER`] requests per peer; callers fetch many chunks in
+//! parallel, so load spreads over peers, and the chunks that go to one peer in the same turn
+//! of the actor (up to [`RUN_BYTES`]: requests that waited for a free slot, fetches sent
+//! together) share one request. Every object is verified against its id before [`Mesh::fetch`]
 //! returns it; a peer that sends a bad one is disconnected and banned for
 //! [`MeshConfig::ban_for`].
 
@@ -27,13 +29,19 @@ use libp2p::{Multiaddr, PeerId, gossipsub, identity};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::offer::{OFFERS_TOPIC, VerifiedOffer};
-use crate::protocol::{ChunkRequest, ChunkResponse, ReleaseAsk, ReleaseRequest, ReleaseResponse};
+use crate::protocol::{ChunkWant, ReleaseAsk, ReleaseRequest, ReleaseResponse};
 use crate::store::ChunkProvider;
 
 mod actor;
 
 /// Requests in flight to one peer (DESIGN.md: up to 3).
 pub const MAX_IN_FLIGHT_PER_PEER: usize = 3;
+/// Chunk bytes one request gathers at most: chunks asked for at about the same time that one
+/// peer holds go to it in one request (DESIGN.md: runs of 1–4 MiB).
+pub const RUN_BYTES: u32 = 1 << 20;
+/// Chunk bytes asked for and not answered yet, over all peers: what answers can hold in
+/// memory at once. A request over it waits for answers (one request always goes out).
+pub const MAX_IN_FLIGHT_BYTES: u64 = 8 << 20;
 /// The gossipsub topic of signed release announcements.
 pub const RELEASES_TOPIC: &str = "flotilla/releases/1";
 /// Largest announcement: a manifest envelope is a few KiB; gossipsub's own default is 64 KiB.
@@ -98,9 +106,10 @@ pub struct MeshConfig {
     pub mdns: bool,
     /// Connections at most (incoming and outgoing together).
     pub max_connections: u32,
-    /// Chunks served at once; further requests are answered `Busy`.
+    /// Requests (runs of chunks, up to [`RUN_BYTES`] each from Flotilla nodes) served at
+    /// once; four times as many wait for a slot, further ones are answered `Busy`.
     pub max_uploads: usize,
-    /// Chunks served at once to one peer, so one peer cannot take every upload slot.
+    /// Requests served at once to one peer, so one peer cannot take every upload slot.
     pub max_uploads_per_peer: usize,
     /// Upload budget in object bytes per second over all peers (bursts of one second);
     /// `None`: unlimited. Over budget, requests are answered `Busy`.
@@ -232,6 +241,8 @@ pub enum MeshError {
 struct Counters {
     served_chunks: AtomicU64,
     served_bytes: AtomicU64,
+    served_requests: AtomicU64,
+    requests: AtomicU64,
     busy: AtomicU64,
     fetched_chunks: AtomicU64,
     fetched_bytes: AtomicU64,
@@ -247,6 +258,10 @@ pub struct MeshStats {
     pub served_chunks: u64,
     /// Object bytes served to peers.
     pub served_bytes: u64,
+    /// Chunk requests answered with objects (each names a run of chunks).
+    pub served_requests: u64,
+    /// Chunk requests sent to peers.
+    pub requests: u64,
     /// Requests answered `Busy`.
     pub busy: u64,
     /// Verified chunks fetched from peers.
@@ -287,19 +302,47 @@ pub struct Fetched {
 }
 
 enum Command {
-    Request { req: ChunkRequest, exclude: HashSet<PeerId>, reply: oneshot::Sender<Option<(PeerId, Answer)>> },
-    Ban { peer: PeerId },
-    Peers { reply: oneshot::Sender<Vec<PeerInfo>> },
-    ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
-    Announce { envelope: Vec<u8>, offer: bool, reply: oneshot::Sender<Result<(), MeshError>> },
-    Release { req: ReleaseRequest, peer: PeerId, reply: actor::ReleaseReply },
-    Track { release: Option<actor::Tracked> },
-    Provide { index: IndexId },
+    Request {
+        want: ChunkWant,
+        exclude: HashSet<PeerId>,
+        /// An end-game duplicate: goes to a peer not already asked for the chunk.
+        duplicate: bool,
+        reply: oneshot::Sender<Option<(PeerId, Answer)>>,
+    },
+    Ban {
+        peer: PeerId,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Announce {
+        envelope: Vec<u8>,
+        offer: bool,
+        reply: oneshot::Sender<Result<(), MeshError>>,
+    },
+    Release {
+        req: ReleaseRequest,
+        peer: PeerId,
+        reply: actor::ReleaseReply,
+    },
+    Track {
+        release: Option<actor::Tracked>,
+    },
+    Provide {
+        index: IndexId,
+    },
 }
 
-/// What one peer answered.
+/// What one peer answered about one chunk.
 enum Answer {
-    Response(ChunkResponse),
+    /// The object, not verified yet.
+    Object(Vec<u8>),
+    NotFound,
+    Busy,
+    /// The request failed (timeout, connection lost, an answer that did not parse).
     Failed,
 }
 
@@ -454,11 +497,11 @@ impl Mesh {
         self.send(Command::Track { release }).await
     }
 
-    /// Asks one peer (chosen by the actor) for `req`; in the end-game a second peer too when
+    /// Asks one peer (chosen by the actor) for `want`; in the end-game a second peer too when
     /// the first is slow, and the first object (else the last answer) is returned.
-    async fn ask(&self, req: ChunkRequest, exclude: &HashSet<PeerId>) -> Result<Option<(PeerId, Answer)>, MeshError> {
+    async fn ask(&self, want: ChunkWant, exclude: &HashSet<PeerId>) -> Result<Option<(PeerId, Answer)>, MeshError> {
         let (reply, mut rx) = oneshot::channel();
-        self.send(Command::Request { req, exclude: exclude.clone(), reply }).await?;
+        self.send(Command::Request { want, exclude: exclude.clone(), duplicate: false, reply }).await?;
         if self.remaining.load(Ordering::Relaxed) > ENDGAME_CHUNKS {
             return rx.await.map_err(|_| MeshError::Stopped);
         }
@@ -467,13 +510,13 @@ impl Mesh {
             _ = tokio::time::sleep(ENDGAME_DELAY) => {}
         }
         let (reply, mut rx2) = oneshot::channel();
-        self.send(Command::Request { req, exclude: exclude.clone(), reply }).await?;
+        self.send(Command::Request { want, exclude: exclude.clone(), duplicate: true, reply }).await?;
         let (first, first_is_one) = tokio::select! {
             r = &mut rx => (r, true),
             r = &mut rx2 => (r, false),
         };
         let first = first.map_err(|_| MeshError::Stopped)?;
-        if matches!(&first, Some((_, Answer::Response(ChunkResponse::Object(_))))) {
+        if matches!(&first, Some((_, Answer::Object(_)))) {
             return Ok(first);
         }
         let other = if first_is_one { rx2.await } else { rx.await };
@@ -500,19 +543,14 @@ impl Mesh {
     /// # Errors
     /// [`MeshError::NotFound`] when every connected peer was asked; [`MeshError::Stopped`].
     pub async fn fetch(&self, id: ChunkId, len: u32) -> Result<Fetched, MeshError> {
-        let req = ChunkRequest { id, len };
+        let want = ChunkWant { id, len };
         let mut exclude = HashSet::new();
         loop {
-            let Some((peer, answer)) = self.ask(req, &exclude).await? else {
+            let Some((peer, answer)) = self.ask(want, &exclude).await? else {
                 return Err(MeshError::NotFound { id, asked: exclude.len() });
             };
             exclude.insert(peer);
-            let ChunkResponse::Object(object) = (match answer {
-                Answer::Response(r) => r,
-                Answer::Failed => continue,
-            }) else {
-                continue;
-            };
+            let Answer::Object(object) = answer else { continue };
             // Checked here rather than on a blocking thread: hashing a chunk (at most
             // MAX_CHUNK_LEN, typically 64 KiB: tens of microseconds) costs less than handing
             // it to another thread and back.
@@ -521,15 +559,14 @@ impl Mesh {
             } else {
                 flotilla_core::object::decode(&object, &id, len)
             };
-            let obj = object;
             match checked {
                 Ok(data) => {
                     self.counters.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                    self.counters.fetched_bytes.fetch_add(obj.len() as u64, Ordering::Relaxed);
+                    self.counters.fetched_bytes.fetch_add(object.len() as u64, Ordering::Relaxed);
                     let _ = self.remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
                         (r != usize::MAX).then(|| r.saturating_sub(1))
                     });
-                    return Ok(Fetched { object: obj, data, peer });
+                    return Ok(Fetched { object, data, peer });
                 }
                 Err(e) => {
                     self.counters.bad_chunks.fetch_add(1, Ordering::Relaxed);
@@ -630,6 +667,8 @@ impl Mesh {
         Ok(MeshStats {
             served_chunks: g(&c.served_chunks),
             served_bytes: g(&c.served_bytes),
+            served_requests: g(&c.served_requests),
+            requests: g(&c.requests),
             busy: g(&c.busy),
             fetched_chunks: g(&c.fetched_chunks),
             fetched_bytes: g(&c.fetched_bytes),
@@ -734,6 +773,51 @@ mod tests {
         assert!(matches!(client.fetch(id, len).await, Err(MeshError::NotFound { asked: 1, .. })));
         let stats = server.stats().await.unwrap();
         assert_eq!((stats.served_chunks, stats.busy), (1, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_asked_together_share_requests_and_wait_for_an_upload_slot() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..600_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 29) as u8
+            })
+            .collect();
+        let index = flotilla_core::chunking::Chunker::new(flotilla_core::chunking::ChunkParams::BUNDLE)
+            .chunk_reader(&data[..])
+            .unwrap()
+            .index;
+        let mut chunks = HashMap::new();
+        for (offset, e) in index.iter_with_offsets() {
+            chunks.insert(e.id, object::encode(&data[offset as usize..][..e.len as usize], 1));
+        }
+        let wants: Vec<(ChunkId, u32)> =
+            chunks.keys().map(|id| (*id, index.entries().iter().find(|e| e.id == *id).unwrap().len)).collect();
+        let n = wants.len() as u64;
+        assert!(n >= 16, "{n} chunks");
+        // One upload slot: the asker's requests in flight (up to 3) wait for it.
+        let mut config = loopback(Role::Cache);
+        config.max_uploads = 1;
+        config.max_uploads_per_peer = 1;
+        let server =
+            Mesh::start(config, Arc::new(Memory { chunks: Mutex::new(chunks), corrupt: false })).await.unwrap();
+        let mut config = loopback(Role::Agent);
+        config.bootstrap = vec![server.listen_addrs().await.unwrap()[0].clone()];
+        let client = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+        client.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+
+        let fetches = wants.iter().map(|(id, len)| client.fetch(*id, *len));
+        for (got, (id, _)) in futures::future::join_all(fetches).await.into_iter().zip(&wants) {
+            assert_eq!(ChunkId::of(&got.unwrap().data), *id);
+        }
+        let served = server.stats().await.unwrap();
+        assert_eq!((served.served_chunks, served.busy), (n, 0), "{served:?}");
+        // Chunks queued behind the in-flight limit went out in runs.
+        assert!(served.served_requests * 2 <= n, "{} requests for {n} chunks", served.served_requests);
+        assert_eq!(client.stats().await.unwrap().requests, served.served_requests);
     }
 
     /// Holds one index; a liar answers every index request with other bytes.

@@ -1,11 +1,15 @@
-//! `/flotilla/chunk/1`: the chunk request/response protocol and its length-bounded codec.
+//! `/flotilla/chunk/2`: the chunk request/response protocol and its length-bounded codec.
 //!
-//! A request names one chunk: its 32-byte id and the length the index gives it (big-endian
-//! u32), so a server can refuse lengths it never stores. The answer is one tag byte, then for
-//! [`ChunkResponse::Object`] a big-endian u32 length and the chunk object (zstd or raw, as
-//! `flotilla_core::object` encodes it). The stock request-response codecs cap messages at
-//! 1 MiB / 10 MiB and trust the declared length; this one reads exactly what it declares and
-//! refuses anything over [`MAX_OBJECT_LEN`] before allocating.
+//! A request names a run of chunks (DESIGN.md: about 1–4 MiB per request): a big-endian u16
+//! count, 1 to [`MAX_RUN_CHUNKS`], then per chunk its 32-byte id and the length the index gives
+//! it (big-endian u32), so a server can refuse lengths it never stores. A run of more than one
+//! chunk names at most [`MAX_RUN_BYTES`]; a single chunk may be as long as [`MAX_CHUNK_LEN`].
+//! The answer is one tag byte: [`ChunkResponse::Busy`], or a run answer with a big-endian u16
+//! count (the request's), then per chunk a tag byte and, for an object, a big-endian u32 length
+//! and the chunk object (zstd or raw, as `flotilla_core::object` encodes it). Each object is
+//! verified by the asker on its own. The stock request-response codecs cap messages at 1 MiB /
+//! 10 MiB and trust the declared length; this one reads exactly what it declares and refuses
+//! anything over [`MAX_OBJECT_LEN`] in all before allocating.
 //!
 //! `/flotilla/release/1` ([`RELEASE_PROTOCOL`]) carries what peers need about a release
 //! besides its chunks: its chunk index (by [`IndexId`], verified by the asker against the id
@@ -22,34 +26,75 @@ use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use libp2p::StreamProtocol;
 
 /// The protocol name.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/chunk/1");
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/chunk/2");
 
 /// Largest chunk length a request may name (the chunker's maximum is far below it).
 pub const MAX_CHUNK_LEN: u32 = 16 << 20;
 
 /// Largest object an answer may carry: a raw chunk of [`MAX_CHUNK_LEN`] plus its flag byte.
+/// It bounds the objects of one answer together too.
 pub const MAX_OBJECT_LEN: u32 = MAX_CHUNK_LEN + 1;
+
+/// Chunks one request may name.
+pub const MAX_RUN_CHUNKS: usize = 64;
+
+/// Chunk bytes a request of more than one chunk may name.
+pub const MAX_RUN_BYTES: u32 = 4 << 20;
 
 const TAG_OBJECT: u8 = 0;
 const TAG_NOT_FOUND: u8 = 1;
 const TAG_BUSY: u8 = 2;
+const TAG_RUN: u8 = 3;
+/// Bytes of one chunk's entry in a request.
+const WANT_LEN: usize = 36;
 
-/// A request for one chunk object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkRequest {
+/// One chunk of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkWant {
     /// The chunk.
     pub id: ChunkId,
     /// Its length in the index (uncompressed).
     pub len: u32,
 }
 
+/// A request for a run of chunk objects; build it with [`ChunkRequest::new`], which checks
+/// the bounds the reader enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRequest(Vec<ChunkWant>);
+
+impl ChunkRequest {
+    /// A request for `wants`, or why the protocol cannot carry it.
+    ///
+    /// # Errors
+    /// An `InvalidData` error: no chunk, too many, a length of 0 or over [`MAX_CHUNK_LEN`], or
+    /// a run over [`MAX_RUN_BYTES`].
+    pub fn new(wants: Vec<ChunkWant>) -> io::Result<Self> {
+        if wants.is_empty() || wants.len() > MAX_RUN_CHUNKS {
+            return Err(invalid(format!("a request for {} chunks (1 to {MAX_RUN_CHUNKS})", wants.len())));
+        }
+        if let Some(w) = wants.iter().find(|w| w.len == 0 || w.len > MAX_CHUNK_LEN) {
+            return Err(invalid(format!("request for a chunk of {} bytes (limit {MAX_CHUNK_LEN})", w.len)));
+        }
+        let total: u64 = wants.iter().map(|w| u64::from(w.len)).sum();
+        if wants.len() > 1 && total > u64::from(MAX_RUN_BYTES) {
+            return Err(invalid(format!("a run of {total} chunk bytes (limit {MAX_RUN_BYTES})")));
+        }
+        Ok(Self(wants))
+    }
+
+    /// The chunks asked for, in order.
+    pub fn wants(&self) -> &[ChunkWant] {
+        &self.0
+    }
+}
+
 /// The answer to a [`ChunkRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkResponse {
-    /// The chunk object; the receiver verifies it against the id before using it.
-    Object(Vec<u8>),
-    /// The peer does not hold the chunk (or holds it for no release it verified).
-    NotFound,
+    /// One entry per chunk asked for, in order: the object (which the receiver verifies
+    /// against the id before using it), or `None` when the peer does not hold the chunk (or
+    /// holds it for no release it verified).
+    Run(Vec<Option<Vec<u8>>>),
     /// The peer is over its upload budget; ask someone else.
     Busy,
 }
@@ -67,33 +112,59 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut buf = [0u8; 36];
+        let mut count = [0u8; 2];
+        io.read_exact(&mut count).await?;
+        let count = usize::from(u16::from_be_bytes(count));
+        if count == 0 || count > MAX_RUN_CHUNKS {
+            return Err(invalid(format!("a request for {count} chunks (1 to {MAX_RUN_CHUNKS})")));
+        }
+        let mut buf = vec![0u8; count * WANT_LEN];
         io.read_exact(&mut buf).await?;
-        decode_request(&buf)
+        ChunkRequest::new(buf.chunks_exact(WANT_LEN).map(decode_want).collect())
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ChunkResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut tag = [0u8; 1];
-        io.read_exact(&mut tag).await?;
-        match tag[0] {
-            TAG_OBJECT => {
-                let mut len = [0u8; 4];
-                io.read_exact(&mut len).await?;
-                let len = u32::from_be_bytes(len);
-                if len == 0 || len > MAX_OBJECT_LEN {
-                    return Err(invalid(format!("object of {len} bytes (limit {MAX_OBJECT_LEN})")));
-                }
-                let mut obj = vec![0u8; len as usize];
-                io.read_exact(&mut obj).await?;
-                Ok(ChunkResponse::Object(obj))
-            }
-            TAG_NOT_FOUND => Ok(ChunkResponse::NotFound),
-            TAG_BUSY => Ok(ChunkResponse::Busy),
-            other => Err(invalid(format!("unknown answer tag {other}"))),
+        let mut head = [0u8; 1];
+        io.read_exact(&mut head).await?;
+        match head[0] {
+            TAG_RUN => {}
+            TAG_BUSY => return Ok(ChunkResponse::Busy),
+            other => return Err(invalid(format!("unknown answer tag {other}"))),
         }
+        let mut count = [0u8; 2];
+        io.read_exact(&mut count).await?;
+        let count = usize::from(u16::from_be_bytes(count));
+        if count == 0 || count > MAX_RUN_CHUNKS {
+            return Err(invalid(format!("an answer for {count} chunks (1 to {MAX_RUN_CHUNKS})")));
+        }
+        let mut objects = Vec::with_capacity(count);
+        let mut total = 0u64;
+        for _ in 0..count {
+            let mut tag = [0u8; 1];
+            io.read_exact(&mut tag).await?;
+            match tag[0] {
+                TAG_OBJECT => {
+                    let mut len = [0u8; 4];
+                    io.read_exact(&mut len).await?;
+                    let len = u32::from_be_bytes(len);
+                    total += u64::from(len);
+                    if len == 0 || total > u64::from(MAX_OBJECT_LEN) {
+                        return Err(invalid(format!(
+                            "object of {len} bytes ({total} in the answer, limit {MAX_OBJECT_LEN})"
+                        )));
+                    }
+                    let mut obj = vec![0u8; len as usize];
+                    io.read_exact(&mut obj).await?;
+                    objects.push(Some(obj));
+                }
+                TAG_NOT_FOUND => objects.push(None),
+                other => return Err(invalid(format!("unknown chunk tag {other}"))),
+            }
+        }
+        Ok(ChunkResponse::Run(objects))
     }
 
     async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: ChunkRequest) -> io::Result<()>
@@ -109,19 +180,31 @@ impl libp2p::request_response::Codec for ChunkCodec {
         T: AsyncWrite + Unpin + Send,
     {
         match res {
-            ChunkResponse::Object(obj) => {
-                let len = u32::try_from(obj.len())
+            ChunkResponse::Run(objects) => {
+                let count = u16::try_from(objects.len())
                     .ok()
-                    .filter(|l| *l > 0 && *l <= MAX_OBJECT_LEN)
-                    .ok_or_else(|| invalid(format!("object of {} bytes", obj.len())))?;
+                    .filter(|c| *c > 0 && usize::from(*c) <= MAX_RUN_CHUNKS)
+                    .ok_or_else(|| invalid(format!("an answer for {} chunks", objects.len())))?;
+                let total: usize = objects.iter().flatten().map(Vec::len).sum();
+                if total > MAX_OBJECT_LEN as usize || objects.iter().flatten().any(Vec::is_empty) {
+                    return Err(invalid(format!("an answer of {total} object bytes")));
+                }
                 // One write: every write to a stream is a frame of its own on the connection.
-                let mut out = Vec::with_capacity(5 + obj.len());
-                out.push(TAG_OBJECT);
-                out.extend_from_slice(&len.to_be_bytes());
-                out.extend_from_slice(&obj);
+                let mut out = Vec::with_capacity(3 + objects.len() * 5 + total);
+                out.push(TAG_RUN);
+                out.extend_from_slice(&count.to_be_bytes());
+                for obj in &objects {
+                    match obj {
+                        Some(obj) => {
+                            out.push(TAG_OBJECT);
+                            out.extend_from_slice(&(obj.len() as u32).to_be_bytes());
+                            out.extend_from_slice(obj);
+                        }
+                        None => out.push(TAG_NOT_FOUND),
+                    }
+                }
                 io.write_all(&out).await?;
             }
-            ChunkResponse::NotFound => io.write_all(&[TAG_NOT_FOUND]).await?,
             ChunkResponse::Busy => io.write_all(&[TAG_BUSY]).await?,
         }
         io.close().await
@@ -256,21 +339,20 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-fn encode_request(req: &ChunkRequest) -> [u8; 36] {
-    let mut buf = [0u8; 36];
-    buf[..32].copy_from_slice(req.id.as_bytes());
-    buf[32..].copy_from_slice(&req.len.to_be_bytes());
+fn encode_request(req: &ChunkRequest) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(2 + req.0.len() * WANT_LEN);
+    buf.extend_from_slice(&(req.0.len() as u16).to_be_bytes());
+    for w in &req.0 {
+        buf.extend_from_slice(w.id.as_bytes());
+        buf.extend_from_slice(&w.len.to_be_bytes());
+    }
     buf
 }
 
-fn decode_request(buf: &[u8; 36]) -> io::Result<ChunkRequest> {
+fn decode_want(buf: &[u8]) -> ChunkWant {
     let mut id = [0u8; 32];
     id.copy_from_slice(&buf[..32]);
-    let len = u32::from_be_bytes([buf[32], buf[33], buf[34], buf[35]]);
-    if len == 0 || len > MAX_CHUNK_LEN {
-        return Err(invalid(format!("request for a chunk of {len} bytes (limit {MAX_CHUNK_LEN})")));
-    }
-    Ok(ChunkRequest { id: ChunkId::from_bytes(id), len })
+    ChunkWant { id: ChunkId::from_bytes(id), len: u32::from_be_bytes([buf[32], buf[33], buf[34], buf[35]]) }
 }
 
 #[cfg(test)]
@@ -287,35 +369,99 @@ mod tests {
         block_on(ChunkCodec.read_response(&PROTOCOL, &mut rd))
     }
 
-    #[test]
-    fn request_roundtrips() {
-        let req = ChunkRequest { id: ChunkId::of(b"x"), len: 4096 };
-        let mut wire = futures::io::Cursor::new(Vec::new());
-        block_on(ChunkCodec.write_request(&PROTOCOL, &mut wire, req)).unwrap();
-        let mut rd = futures::io::Cursor::new(wire.into_inner());
-        assert_eq!(block_on(ChunkCodec.read_request(&PROTOCOL, &mut rd)).unwrap(), req);
+    fn want(data: &[u8], len: u32) -> ChunkWant {
+        ChunkWant { id: ChunkId::of(data), len }
+    }
+
+    fn read_request(wire: Vec<u8>) -> io::Result<ChunkRequest> {
+        block_on(ChunkCodec.read_request(&PROTOCOL, &mut futures::io::Cursor::new(wire)))
     }
 
     #[test]
-    fn responses_roundtrip() {
-        for res in [ChunkResponse::Object(vec![0, 1, 2, 3]), ChunkResponse::NotFound, ChunkResponse::Busy] {
-            assert_eq!(roundtrip_response(res.clone()).unwrap(), res);
+    fn requests_roundtrip() {
+        for wants in
+            [vec![want(b"x", 4096)], (0..MAX_RUN_CHUNKS as u32).map(|i| want(&i.to_be_bytes(), 65_536)).collect()]
+        {
+            let req = ChunkRequest::new(wants).unwrap();
+            let mut wire = futures::io::Cursor::new(Vec::new());
+            block_on(ChunkCodec.write_request(&PROTOCOL, &mut wire, req.clone())).unwrap();
+            assert_eq!(read_request(wire.into_inner()).unwrap(), req);
         }
     }
 
     #[test]
+    fn requests_out_of_bounds_are_refused_on_both_sides() {
+        // Built locally: refused before anything is sent.
+        assert!(ChunkRequest::new(Vec::new()).is_err());
+        assert!(ChunkRequest::new(vec![want(b"x", 0)]).is_err());
+        assert!(ChunkRequest::new(vec![want(b"x", MAX_CHUNK_LEN + 1)]).is_err());
+        assert!(ChunkRequest::new(vec![want(b"x", 1); MAX_RUN_CHUNKS + 1]).is_err());
+        assert!(ChunkRequest::new(vec![want(b"x", MAX_RUN_BYTES / 2 + 1), want(b"y", MAX_RUN_BYTES / 2)]).is_err());
+        // One chunk may be as long as the chunker allows; a run may not.
+        assert!(ChunkRequest::new(vec![want(b"x", MAX_CHUNK_LEN)]).is_ok());
+
+        // Read off the wire: the same bounds, before the entries are allocated.
+        let encoded = |wants: &[ChunkWant]| encode_request(&ChunkRequest(wants.to_vec()));
+        for bad in [
+            encoded(&[want(b"x", 0)]),
+            encoded(&[want(b"x", MAX_CHUNK_LEN + 1)]),
+            encoded(&[want(b"x", MAX_RUN_BYTES), want(b"y", 1)]),
+            encoded(&vec![want(b"x", 1); MAX_RUN_CHUNKS + 1]),
+            vec![0, 0],
+        ] {
+            let e = read_request(bad).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        }
+        // A count of 65 535 with nothing behind it: refused by the count, not by a failed read.
+        let e = read_request(vec![0xff, 0xff]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // Truncated: fewer entries than the count.
+        let mut short = encoded(&[want(b"x", 1), want(b"y", 1)]);
+        short.truncate(2 + WANT_LEN + 10);
+        assert_eq!(read_request(short).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn responses_roundtrip() {
+        for res in [
+            ChunkResponse::Run(vec![Some(vec![0, 1, 2, 3])]),
+            ChunkResponse::Run(vec![None, Some(vec![9; 70_000]), None, Some(vec![7])]),
+            ChunkResponse::Busy,
+        ] {
+            assert_eq!(roundtrip_response(res.clone()).unwrap(), res);
+        }
+        // What the reader would refuse is not written either.
+        assert!(roundtrip_response(ChunkResponse::Run(Vec::new())).is_err());
+        assert!(roundtrip_response(ChunkResponse::Run(vec![Some(Vec::new())])).is_err());
+        assert!(roundtrip_response(ChunkResponse::Run(vec![None; MAX_RUN_CHUNKS + 1])).is_err());
+    }
+
+    #[test]
     fn oversized_declarations_are_refused_before_allocating() {
-        let mut wire = vec![TAG_OBJECT];
+        // One object over the limit.
+        let mut wire = vec![TAG_RUN, 0, 1, TAG_OBJECT];
         wire.extend_from_slice(&(MAX_OBJECT_LEN + 1).to_be_bytes());
         let mut rd = futures::io::Cursor::new(wire);
         let e = block_on(ChunkCodec.read_response(&PROTOCOL, &mut rd)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
 
-        let mut req = encode_request(&ChunkRequest { id: ChunkId::of(b"x"), len: 1 });
-        req[32..].copy_from_slice(&(MAX_CHUNK_LEN + 1).to_be_bytes());
-        assert!(decode_request(&req).is_err());
-        req[32..].copy_from_slice(&0u32.to_be_bytes());
-        assert!(decode_request(&req).is_err());
+        // Objects each within the limit, over it together: refused at the second declaration.
+        let half = MAX_OBJECT_LEN / 2 + 1;
+        let mut wire = vec![TAG_RUN, 0, 2, TAG_OBJECT];
+        wire.extend_from_slice(&half.to_be_bytes());
+        wire.extend(std::iter::repeat_n(0u8, half as usize));
+        wire.push(TAG_OBJECT);
+        wire.extend_from_slice(&half.to_be_bytes());
+        let mut rd = futures::io::Cursor::new(wire);
+        let e = block_on(ChunkCodec.read_response(&PROTOCOL, &mut rd)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+
+        // Counts out of bounds, and an empty object.
+        for wire in [vec![TAG_RUN, 0, 0], vec![TAG_RUN, 0xff, 0xff], vec![TAG_RUN, 0, 1, TAG_OBJECT, 0, 0, 0, 0]] {
+            let mut rd = futures::io::Cursor::new(wire);
+            let e = block_on(ChunkCodec.read_response(&PROTOCOL, &mut rd)).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        }
     }
 
     #[test]
@@ -344,11 +490,19 @@ mod tests {
 
     #[test]
     fn truncated_and_junk_answers_are_errors() {
-        let mut rd = futures::io::Cursor::new(vec![TAG_OBJECT, 0, 0, 0, 9, 1, 2]);
-        assert!(block_on(ChunkCodec.read_response(&PROTOCOL, &mut rd)).is_err());
-        let mut rd = futures::io::Cursor::new(vec![7u8]);
-        assert!(block_on(ChunkCodec.read_response(&PROTOCOL, &mut rd)).is_err());
-        let mut rd = futures::io::Cursor::new(Vec::new());
-        assert!(block_on(ChunkCodec.read_response(&PROTOCOL, &mut rd)).is_err());
+        for wire in [
+            // An object shorter than declared.
+            vec![TAG_RUN, 0, 1, TAG_OBJECT, 0, 0, 0, 9, 1, 2],
+            // Fewer entries than the count.
+            vec![TAG_RUN, 0, 3, TAG_NOT_FOUND, TAG_NOT_FOUND],
+            // Unknown tags, at the head and per chunk.
+            vec![7u8],
+            vec![TAG_RUN, 0, 1, 9],
+            vec![TAG_OBJECT],
+            Vec::new(),
+        ] {
+            let mut rd = futures::io::Cursor::new(wire.clone());
+            assert!(block_on(ChunkCodec.read_response(&PROTOCOL, &mut rd)).is_err(), "{wire:?}");
+        }
     }
 }

@@ -21,13 +21,14 @@ use libp2p::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Answer, Command, Counters, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_ANNOUNCEMENT_LEN, MAX_IN_FLIGHT_PER_PEER,
-    MAX_PROVIDERS_DIALLED, MeshConfig, MeshError, PROVIDER_LOOKUP_EVERY, PeerInfo, Role, TICK, UNMEASURED_BPS,
+    Answer, Command, Counters, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_ANNOUNCEMENT_LEN, MAX_IN_FLIGHT_BYTES,
+    MAX_IN_FLIGHT_PER_PEER, MAX_PROVIDERS_DIALLED, MeshConfig, MeshError, PROVIDER_LOOKUP_EVERY, PeerInfo, RUN_BYTES,
+    Role, TICK, UNMEASURED_BPS,
 };
 use crate::offer::VerifiedOffer;
 use crate::protocol::{
-    ChunkCodec, ChunkRequest, ChunkResponse, PROTOCOL, RELEASE_PROTOCOL, ReleaseAsk, ReleaseCodec, ReleaseRequest,
-    ReleaseResponse,
+    ChunkCodec, ChunkRequest, ChunkResponse, ChunkWant, MAX_RUN_CHUNKS, PROTOCOL, RELEASE_PROTOCOL, ReleaseAsk,
+    ReleaseCodec, ReleaseRequest, ReleaseResponse,
 };
 use crate::store::ChunkProvider;
 
@@ -69,9 +70,12 @@ pub(super) fn spawn(p: Parts) {
         discovered: HashMap::new(),
         banned: HashMap::new(),
         pending: HashMap::new(),
+        open: HashMap::new(),
+        in_flight_bytes: 0,
         queue: VecDeque::new(),
         uploads: 0,
         uploads_by_peer: HashMap::new(),
+        waiting: VecDeque::new(),
         upload_budget,
         budget_at: Instant::now(),
         served_tx,
@@ -207,27 +211,44 @@ struct PeerState {
 }
 
 impl PeerState {
-    /// Higher is better: expected rate, discounted by how often it lacks chunks and by load.
-    fn score(&self) -> f64 {
+    /// Higher is better: expected rate, discounted by how often it lacks chunks and by
+    /// `load`, the requests it has in flight.
+    fn score(&self, load: usize) -> f64 {
         let hit_rate = (self.hits as f64 + 1.0) / ((self.hits + self.misses) as f64 + 2.0);
         // Caches hold whole releases: prefer them when nothing is measured yet.
         let cache = if self.role == Some(Role::Cache) { 2.0 } else { 1.0 };
-        self.bps.unwrap_or(UNMEASURED_BPS) * hit_rate * cache / (self.in_flight as f64 + 1.0)
+        self.bps.unwrap_or(UNMEASURED_BPS) * hit_rate * cache / (load as f64 + 1.0)
     }
 }
 
+/// Where the answer about one chunk goes.
+type Reply = oneshot::Sender<Option<(PeerId, Answer)>>;
+
+/// A chunk in a request, with who waits for it.
+struct Item {
+    want: ChunkWant,
+    reply: Reply,
+}
+
+/// A request sent: the chunks of one run, in order.
 struct Pending {
     peer: PeerId,
-    chunk: flotilla_core::ids::ChunkId,
     started: Instant,
-    len: u32,
-    reply: oneshot::Sender<Option<(PeerId, Answer)>>,
+    items: Vec<Item>,
+}
+
+impl Pending {
+    fn bytes(&self) -> u64 {
+        self.items.iter().map(|i| u64::from(i.want.len)).sum()
+    }
 }
 
 struct Queued {
-    req: ChunkRequest,
+    want: ChunkWant,
     exclude: HashSet<PeerId>,
-    reply: oneshot::Sender<Option<(PeerId, Answer)>>,
+    /// An end-game duplicate: not sent to a peer already asked for the same chunk.
+    duplicate: bool,
+    reply: Reply,
 }
 
 struct MeshActor {
@@ -257,9 +278,17 @@ struct MeshActor {
     discovered: HashMap<PeerId, Multiaddr>,
     banned: HashMap<PeerId, Instant>,
     pending: HashMap<OutboundRequestId, Pending>,
+    /// Runs being gathered this turn, per peer; sent by [`MeshActor::flush`] when the turn
+    /// ends (each counts as one of the peer's requests in flight from when it opens).
+    open: HashMap<PeerId, Vec<Item>>,
+    /// Chunk bytes of `pending` and `open`.
+    in_flight_bytes: u64,
+    /// Requests waiting for a free slot at a peer that may hold them.
     queue: VecDeque<Queued>,
     uploads: usize,
     uploads_by_peer: HashMap<PeerId, usize>,
+    /// Requests waiting for an upload slot.
+    waiting: VecDeque<(PeerId, ChunkRequest, ResponseChannel<ChunkResponse>)>,
     /// Token bucket of [`MeshConfig::max_upload_rate`], in bytes; refilled when read.
     upload_budget: f64,
     budget_at: Instant,
@@ -269,6 +298,13 @@ struct MeshActor {
 
 /// A finished read of the provider, to answer on the swarm.
 type Served = (PeerId, ResponseChannel<ChunkResponse>, ChunkResponse);
+
+/// Requests that may wait for an upload slot, per slot ([`MeshConfig::max_uploads`]); past
+/// that, peers are told `Busy`.
+const WAITING_PER_UPLOAD: usize = 4;
+
+/// Commands handled in one turn at most before the runs gathered are sent.
+const COMMANDS_PER_TURN: usize = 256;
 /// Where the answer to a release request goes: the peer asked and its answer (`None`: failed).
 pub(super) type ReleaseReply = oneshot::Sender<(PeerId, Option<ReleaseResponse>)>;
 
@@ -323,7 +359,15 @@ impl MeshActor {
         loop {
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
-                    Some(cmd) => self.command(cmd),
+                    Some(cmd) => {
+                        self.command(cmd);
+                        // Commands sent together (a run of fetches) are handled together, so
+                        // their chunks can share requests.
+                        for _ in 1..COMMANDS_PER_TURN {
+                            let Ok(cmd) = self.rx.try_recv() else { break };
+                            self.command(cmd);
+                        }
+                    }
                     None => break, // every handle dropped
                 },
                 Some((peer, channel, response)) = self.served_rx.recv() => {
@@ -334,10 +378,13 @@ impl MeshActor {
                             self.uploads_by_peer.remove(&peer);
                         }
                     }
-                    if let ChunkResponse::Object(obj) = &response {
-                        self.upload_budget -= obj.len() as f64;
-                        self.counters.served_chunks.fetch_add(1, Ordering::Relaxed);
-                        self.counters.served_bytes.fetch_add(obj.len() as u64, Ordering::Relaxed);
+                    self.serve_waiting();
+                    if let ChunkResponse::Run(objects) = &response {
+                        let bytes: usize = objects.iter().flatten().map(Vec::len).sum();
+                        self.upload_budget -= bytes as f64;
+                        self.counters.served_chunks.fetch_add(objects.iter().flatten().count() as u64, Ordering::Relaxed);
+                        self.counters.served_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                        self.counters.served_requests.fetch_add(1, Ordering::Relaxed);
                     }
                     // The requester may have gone; nothing to do then.
                     let _ = self.swarm.behaviour_mut().chunks.send_response(channel, response);
@@ -345,6 +392,7 @@ impl MeshActor {
                 ev = self.swarm.select_next_some() => self.swarm_event(ev),
                 _ = tick.tick() => self.tick(),
             }
+            self.flush();
         }
         tracing::debug!("mesh node stopped");
     }
@@ -469,7 +517,9 @@ impl MeshActor {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Request { req, exclude, reply } => self.request(Queued { req, exclude, reply }),
+            Command::Request { want, exclude, duplicate, reply } => {
+                self.request(Queued { want, exclude, duplicate, reply })
+            }
             Command::Ban { peer } => self.ban(peer),
             Command::Peers { reply } => {
                 let list = self
@@ -529,17 +579,27 @@ impl MeshActor {
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
-    /// Sends `q` to the best free peer, queues it while every candidate is at its limit, or
-    /// answers `None` when there is no candidate at all.
+    /// Adds `q` to a run for the best free peer, queues it while every candidate is at its
+    /// limit, or answers `None` when there is no candidate at all.
     fn request(&mut self, q: Queued) {
+        let id = q.want.id;
         // A duplicate (end-game) goes to a peer not already asked for the same chunk.
-        let asked: HashSet<PeerId> = self.pending.values().filter(|p| p.chunk == q.req.id).map(|p| p.peer).collect();
+        let asked: HashSet<PeerId> = if q.duplicate {
+            self.pending
+                .values()
+                .filter(|p| p.items.iter().any(|i| i.want.id == id))
+                .map(|p| p.peer)
+                .chain(self.open.iter().filter(|(_, items)| items.iter().any(|i| i.want.id == id)).map(|(p, _)| *p))
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let all: Vec<(&PeerId, &PeerState)> = self
             .peers
             .iter()
             .filter(|(p, _)| !q.exclude.contains(p) && !self.banned.contains_key(p) && !asked.contains(p))
             .collect();
-        let holds = |p: &PeerId| self.tracked.as_ref().and_then(|t| t.holds(p, &q.req.id));
+        let holds = |p: &PeerId| self.tracked.as_ref().and_then(|t| t.holds(p, &id));
         // Peers whose have-map lacks the chunk are not asked: when no peer holds it the
         // answer is "not found" at once, without a round of requests that all fail (the
         // caller asks again later, and maps are refreshed every second). Asking everyone
@@ -550,12 +610,24 @@ impl MeshActor {
             let _ = q.reply.send(None);
             return;
         }
+        // A run being gathered for a peer takes more chunks at no extra load.
+        let len = q.want.len;
+        let open = &self.open;
+        let joins = |p: &PeerId| {
+            open.get(p).is_some_and(|items| {
+                items.len() < MAX_RUN_CHUNKS
+                    && items.iter().map(|i| u64::from(i.want.len)).sum::<u64>() + u64::from(len) <= u64::from(RUN_BYTES)
+            })
+        };
         // Known holders first, then the fastest.
         let best = candidates
             .iter()
-            .filter(|(_, s)| s.in_flight < MAX_IN_FLIGHT_PER_PEER)
+            .filter(|(p, s)| joins(p) || s.in_flight < MAX_IN_FLIGHT_PER_PEER)
             .max_by(|a, b| {
-                let score = |(p, s): &(&PeerId, &PeerState)| s.score() * if holds(p) == Some(true) { 2.0 } else { 1.0 };
+                let score = |(p, s): &(&PeerId, &PeerState)| {
+                    let load = s.in_flight.saturating_sub(usize::from(joins(p)));
+                    s.score(load) * if holds(p) == Some(true) { 2.0 } else { 1.0 }
+                };
                 score(a).total_cmp(&score(b))
             })
             .map(|(p, _)| **p);
@@ -563,12 +635,42 @@ impl MeshActor {
             self.queue.push_back(q);
             return;
         };
-        if let Some(s) = self.peers.get_mut(&peer) {
+        let joining = joins(&peer);
+        // Answers held in memory stay bounded: past the budget, wait for answers to come in.
+        if !joining && self.in_flight_bytes > 0 && self.in_flight_bytes + u64::from(len) > MAX_IN_FLIGHT_BYTES {
+            self.queue.push_back(q);
+            return;
+        }
+        if !joining && let Some(s) = self.peers.get_mut(&peer) {
             s.in_flight += 1;
         }
-        let id = self.swarm.behaviour_mut().chunks.send_request(&peer, q.req);
-        self.pending
-            .insert(id, Pending { peer, chunk: q.req.id, started: Instant::now(), len: q.req.len, reply: q.reply });
+        self.in_flight_bytes += u64::from(len);
+        self.open.entry(peer).or_default().push(Item { want: q.want, reply: q.reply });
+    }
+
+    /// Sends the runs gathered this turn, one request per peer.
+    fn flush(&mut self) {
+        for (peer, items) in std::mem::take(&mut self.open) {
+            let wants = items.iter().map(|i| i.want).collect();
+            match ChunkRequest::new(wants) {
+                Ok(req) => {
+                    let id = self.swarm.behaviour_mut().chunks.send_request(&peer, req);
+                    self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                    self.pending.insert(id, Pending { peer, started: Instant::now(), items });
+                }
+                Err(e) => {
+                    // Only a chunk longer than any chunker makes gets here.
+                    tracing::warn!(%peer, error = %e, "a request the protocol cannot carry");
+                    self.in_flight_bytes -= items.iter().map(|i| u64::from(i.want.len)).sum::<u64>();
+                    if let Some(s) = self.peers.get_mut(&peer) {
+                        s.in_flight = s.in_flight.saturating_sub(1);
+                    }
+                    for i in items {
+                        let _ = i.reply.send(Some((peer, Answer::Failed)));
+                    }
+                }
+            }
+        }
     }
 
     /// Retries queued requests after a peer freed a slot or left.
@@ -576,7 +678,7 @@ impl MeshActor {
         let mut queued: Vec<Queued> = std::mem::take(&mut self.queue).into();
         // Rarest first: the chunks the fewest peers are known to hold get the free slots.
         if let Some(t) = &self.tracked {
-            queued.sort_by_cached_key(|q| self.peers.keys().filter(|p| t.holds(p, &q.req.id) == Some(true)).count());
+            queued.sort_by_cached_key(|q| self.peers.keys().filter(|p| t.holds(p, &q.want.id) == Some(true)).count());
         }
         for q in queued {
             if !q.reply.is_closed() {
@@ -585,24 +687,66 @@ impl MeshActor {
         }
     }
 
-    fn finish(&mut self, id: OutboundRequestId, answer: Answer) {
+    /// Starts serving waiting requests while upload slots are free, first come first served
+    /// among peers under their own limit; a banned peer's requests are dropped unanswered.
+    fn serve_waiting(&mut self) {
+        let mut i = 0;
+        while self.uploads < self.config.max_uploads && i < self.waiting.len() {
+            let peer = self.waiting[i].0;
+            if self.banned.contains_key(&peer) {
+                self.waiting.remove(i);
+                continue;
+            }
+            if self.uploads_by_peer.get(&peer).copied().unwrap_or(0) >= self.config.max_uploads_per_peer {
+                i += 1;
+                continue;
+            }
+            let Some((peer, request, channel)) = self.waiting.remove(i) else { break };
+            self.uploads += 1;
+            *self.uploads_by_peer.entry(peer).or_default() += 1;
+            let (provider, tx) = (self.provider.clone(), self.served_tx.clone());
+            tokio::spawn(async move {
+                let n = request.wants().len();
+                // One blocking call reads the whole run.
+                let read = move || request.wants().iter().map(|w| provider.object(&w.id, w.len)).collect();
+                let response = match tokio::task::spawn_blocking(read).await {
+                    Ok(objects) => ChunkResponse::Run(objects),
+                    Err(_) => ChunkResponse::Run(vec![None; n]),
+                };
+                let _ = tx.send((peer, channel, response)).await;
+            });
+        }
+    }
+
+    fn finish(&mut self, id: OutboundRequestId, response: Option<ChunkResponse>) {
         let Some(p) = self.pending.remove(&id) else { return };
+        self.in_flight_bytes -= p.bytes();
         // Whatever a banned peer still had in flight is dropped unread.
-        let answer = if self.banned.contains_key(&p.peer) { Answer::Failed } else { answer };
+        let response = if self.banned.contains_key(&p.peer) { None } else { response };
+        // An answer for another number of chunks than asked is no answer.
+        let answers: Vec<Answer> = match response {
+            Some(ChunkResponse::Run(objects)) if objects.len() == p.items.len() => {
+                objects.into_iter().map(|o| o.map_or(Answer::NotFound, Answer::Object)).collect()
+            }
+            Some(ChunkResponse::Busy) => p.items.iter().map(|_| Answer::Busy).collect(),
+            _ => p.items.iter().map(|_| Answer::Failed).collect(),
+        };
         if let Some(s) = self.peers.get_mut(&p.peer) {
             s.in_flight = s.in_flight.saturating_sub(1);
-            match &answer {
-                Answer::Response(ChunkResponse::Object(obj)) => {
-                    s.hits += 1;
-                    let secs = p.started.elapsed().as_secs_f64().max(1e-4);
-                    let rate = obj.len().max(p.len as usize / 4) as f64 / secs;
-                    s.bps = Some(s.bps.map_or(rate, |old| old * 0.8 + rate * 0.2));
-                }
-                Answer::Response(ChunkResponse::NotFound) => s.misses += 1,
-                Answer::Response(ChunkResponse::Busy) | Answer::Failed => {}
+            let got: usize = answers.iter().map(|a| if let Answer::Object(o) = a { o.len() } else { 0 }).sum::<usize>();
+            let found = answers.iter().filter(|a| matches!(a, Answer::Object(_))).count() as u64;
+            let missing = answers.iter().filter(|a| matches!(a, Answer::NotFound)).count() as u64;
+            s.hits += found;
+            s.misses += missing;
+            if found > 0 {
+                let secs = p.started.elapsed().as_secs_f64().max(1e-4);
+                let rate = got.max(p.bytes() as usize / 4) as f64 / secs;
+                s.bps = Some(s.bps.map_or(rate, |old| old * 0.8 + rate * 0.2));
             }
         }
-        let _ = p.reply.send(Some((p.peer, answer)));
+        for (item, answer) in p.items.into_iter().zip(answers) {
+            let _ = item.reply.send(Some((p.peer, answer)));
+        }
         self.drain_queue();
     }
 
@@ -705,29 +849,19 @@ impl MeshActor {
                 if self.banned.contains_key(&peer) {
                     return;
                 }
-                let of_peer = self.uploads_by_peer.get(&peer).copied().unwrap_or(0);
-                if self.uploads >= self.config.max_uploads
-                    || of_peer >= self.config.max_uploads_per_peer
-                    || !self.upload_budget_left()
-                {
+                if !self.upload_budget_left() || self.waiting.len() >= self.config.max_uploads * WAITING_PER_UPLOAD {
                     self.counters.busy.fetch_add(1, Ordering::Relaxed);
                     let _ = self.swarm.behaviour_mut().chunks.send_response(channel, ChunkResponse::Busy);
                     return;
                 }
-                self.uploads += 1;
-                *self.uploads_by_peer.entry(peer).or_default() += 1;
-                let (provider, tx) = (self.provider.clone(), self.served_tx.clone());
-                tokio::spawn(async move {
-                    let found = tokio::task::spawn_blocking(move || provider.object(&request.id, request.len))
-                        .await
-                        .ok()
-                        .flatten();
-                    let response = found.map_or(ChunkResponse::NotFound, ChunkResponse::Object);
-                    let _ = tx.send((peer, channel, response)).await;
-                });
+                // Requests beyond the upload slots wait for one (peers' requests come in
+                // bursts, when their have-maps show new chunks): answering `Busy` made them
+                // ask again, elsewhere or later, for the same chunks.
+                self.waiting.push_back((peer, request, channel));
+                self.serve_waiting();
             }
             Event::Message { message: Message::Response { request_id, response }, .. } => {
-                self.finish(request_id, Answer::Response(response));
+                self.finish(request_id, Some(response));
             }
             Event::OutboundFailure { peer, request_id, error, .. } => {
                 tracing::debug!(%peer, %error, "chunk request failed");
@@ -738,7 +872,7 @@ impl MeshActor {
                     tracing::info!(%peer, "peer did not answer in time; disconnecting");
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
-                self.finish(request_id, Answer::Failed);
+                self.finish(request_id, None);
             }
             Event::InboundFailure { peer, error, .. } => tracing::debug!(%peer, %error, "serving a chunk failed"),
             Event::ResponseSent { .. } => {}

@@ -78,13 +78,13 @@ fn peers_serving_corrupted_or_wrong_chunks_are_banned_and_every_agent_installs_t
         assert_eq!(bytes(&report, "peer") + bytes(&report, "cdn"), s.image.len() as u64, "{report}");
     }
     // Each agent banned a lying cache at its first bad chunk: beyond that, only the requests
-    // already in flight to it (at most 3 per agent) were answered.
+    // already in flight to it (at most 3 per agent, each a run of chunks) were answered.
     let limit = 3 * flotilla_mesh::MAX_IN_FLIGHT_PER_PEER as u64;
     for (what, bad) in [("flipping", &flip), ("wrong-chunk", &wrong)] {
         let tried = wait_for(&format!("the {what} cache to serve"), Duration::from_secs(10), || {
-            bad.stat("served_chunks").filter(|n| *n > 0)
+            bad.stat("served_requests").filter(|n| *n > 0)
         });
-        assert!((1..=limit).contains(&tried), "the {what} cache served {tried} chunks to 3 agents");
+        assert!((1..=limit).contains(&tried), "the {what} cache answered {tried} requests from 3 agents");
     }
 }
 
