@@ -1,25 +1,50 @@
 //! Binary patches between two images, applied streaming with bounded memory.
 //!
-//! A patch is a self-describing container: a fixed header, a region table, then each region's
-//! payload in table order. Regions cover the new image in order, each producing one
-//! contiguous new byte range from a bounded *reference*: up to [`MAX_EXTENTS`] byte ranges of
-//! the old image, at most [`DeltaLimits::max_window`] bytes in total.
+//! A patch is a self-describing container: a fixed header, a region table, then the shared
+//! stream's payload (if any) and each region's payload in table order. Regions cover the new
+//! image in order, each producing one contiguous new byte range from a bounded *reference*:
+//! up to [`MAX_EXTENTS`] byte ranges of the old image, at most [`DeltaLimits::max_window`]
+//! bytes in total.
 //!
 //! ```text
 //! offset size field (little-endian)
 //!      0    8 magic "FLOTDLT\0"
-//!      8    2 format version (1)
-//!     10    2 flags (bit 0: the table is a u64 decoded length + a zstd frame)
+//!      8    2 format version (2; version 1 is still read)
+//!     10    2 flags (bit 0: the table is a u64 decoded length + a zstd frame;
+//!               bit 1: the patch has a shared stream)
 //!     12    4 region count
 //!     16    8 old image size
 //!     24    8 new image size
 //!     32    8 region table length in bytes (as stored)
 //!     40    8 window: the largest reference or patched region in this patch
-//!     48    … region table, per region:
-//!               u8 op (0 copy, 1 zstd, 2 bsdiff, 3 sparse bsdiff), u8 reserved, u16 extent count,
-//!               u64 new length, u64 payload length, then per extent u64 old offset, u64 length
-//!      …    … payloads, concatenated in table order
+//!     48    … region table (LEB128 numbers):
+//!               with flag bit 1, the shared stream: decoded length, payload length,
+//!                 extent count, per extent zigzag(offset − end of the extent before it, or
+//!                 − 0) and length;
+//!               per region: u8 op (0 copy, 1 zstd, 2 bsdiff, 3 sparse bsdiff), u8 flags
+//!                 (bit 0: its records are a slice of the shared stream), new length,
+//!                 extent count, per extent zigzag(offset − end of the region's extent before
+//!                 it, or − the region's new offset) and zigzag(length − the new length not
+//!                 yet covered by its extents before it), then the payload length, or with
+//!                 flag bit 0 the slice's offset and length in the decoded shared stream (no
+//!                 payload)
+//!      …    … the shared stream's payload, then the regions' payloads in table order
 //! ```
+//!
+//! Version 1 (the first agents') has the same fixed header with flag bit 0 only and
+//! fixed-width records: u8 op, u8 reserved, u16 extent count, u64 new length, u64 payload
+//! length, per extent u64 offset and u64 length. A reader of version 1 only refuses a
+//! version 2 patch (unsupported version), and an agent then falls back to chunks.
+//!
+//! **Shared stream.** Regions are independent so that a device can apply any subset of
+//! them, but then a code change repeated in three files (one edit in each of three bundles
+//! of an app tree) is paid three times, where bsdiff's single stream pays it once. The
+//! shared stream is one zstd frame, compressed with its own few old extents as reference
+//! prefix (the old bytes around the edits, so the new code's literals still match old
+//! code), that decodes to the record streams of several bsdiff regions one after the other;
+//! each such region names its slice. A device that applies any of them fetches and decodes
+//! the shared stream once (at most [`DeltaLimits::max_shared`] bytes, kept while it
+//! applies), so regions stay independent of each other and depend only on it.
 //!
 //! Ops: **copy** writes the extents' old bytes (no payload; extents may add up to any length);
 //! **zstd** is a zstd frame compressed with the concatenated extents as reference prefix
@@ -34,7 +59,8 @@
 //! [`apply`] reads the header and table (bounded by [`DeltaLimits::max_table_len`]), checks
 //! every offset and length against the old image and the limits before it allocates, then
 //! streams: it holds one reference (≤ window) and the zstd decoder's window (≤ the region's
-//! new length, itself ≤ window) plus small buffers — about 2 × window whatever the image size.
+//! new length, itself ≤ window) plus small buffers, and the decoded shared stream (≤
+//! [`DeltaLimits::max_shared`], 1 MiB) — about 2 × window whatever the image size.
 //! The caller verifies the output's chunk ids and SHA-256; a patch does not repeat them.
 //!
 //! Contract notes for the agent: a region's reference is a *list* of old extents (not one
@@ -46,22 +72,25 @@
 use std::io::{self, Read, Write};
 
 use crate::index::MAX_IMAGE_SIZE;
-use crate::manifest::DeltaMethod;
 
 mod bsdiff;
 mod encode;
+mod share;
+mod table;
 
 pub use encode::{EncodeOptions, EncodeStats, encode};
 
 /// The patch container's magic bytes.
 pub const MAGIC: [u8; 8] = *b"FLOTDLT\0";
-/// The only container version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
+/// The container version this build writes (it reads [`FORMAT_VERSION_1`] too).
+pub const FORMAT_VERSION: u16 = 2;
+/// The first container version: fixed-width table records, no shared stream.
+pub const FORMAT_VERSION_1: u16 = 1;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 48;
-/// Size of a region record without its extents.
+/// Size of a version 1 region record without its extents.
 pub const REGION_RECORD_LEN: usize = 20;
-/// Size of one extent in a region record.
+/// Size of one extent in a version 1 region record.
 pub const EXTENT_RECORD_LEN: usize = 16;
 /// Most old extents one region may reference.
 pub const MAX_EXTENTS: usize = 1024;
@@ -71,6 +100,12 @@ pub const DEFAULT_MAX_WINDOW: u64 = 8 << 20;
 
 /// Header flag: the region table is stored as a u64 decoded length and a zstd frame.
 pub const FLAG_TABLE_ZSTD: u16 = 1;
+/// Header flag (version 2): the table starts with the shared stream's record.
+pub const FLAG_SHARED_STREAM: u16 = 2;
+/// Default [`DeltaLimits::max_shared`]: the encoder keeps the shared stream to small record
+/// streams (a few KiB on real releases); 1 MiB bounds what a hostile patch can make a device
+/// hold next to its two windows.
+pub const DEFAULT_MAX_SHARED: u64 = 1 << 20;
 
 /// Bytes moved per read or write while copying and decoding.
 const IO_BUF_LEN: usize = 64 << 10;
@@ -85,11 +120,18 @@ pub struct DeltaLimits {
     pub max_table_len: u64,
     /// Largest new image.
     pub max_new_size: u64,
+    /// Largest decoded shared stream.
+    pub max_shared: u64,
 }
 
 impl Default for DeltaLimits {
     fn default() -> Self {
-        Self { max_window: DEFAULT_MAX_WINDOW, max_table_len: 4 << 20, max_new_size: MAX_IMAGE_SIZE }
+        Self {
+            max_window: DEFAULT_MAX_WINDOW,
+            max_table_len: 4 << 20,
+            max_new_size: MAX_IMAGE_SIZE,
+            max_shared: DEFAULT_MAX_SHARED,
+        }
     }
 }
 
@@ -108,7 +150,7 @@ pub enum DeltaError {
     #[error("not a Flotilla patch (bad magic bytes)")]
     BadMagic,
     /// A container version this build does not know.
-    #[error("patch format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error("patch format version {0} is not supported (this build reads versions 1 and {FORMAT_VERSION})")]
     UnsupportedVersion(u16),
     /// The patch ended early.
     #[error("patch is truncated: it ended inside {what}")]
@@ -156,6 +198,20 @@ pub enum DeltaError {
         expected: u64,
         /// Size of the image given.
         actual: u64,
+    },
+    /// The shared stream is larger than allowed.
+    #[error("patch shared stream is {declared} bytes, the limit is {limit}")]
+    SharedTooLarge {
+        /// Declared by the patch.
+        declared: u64,
+        /// Allowed.
+        limit: u64,
+    },
+    /// The shared stream's payload did not decode to its declared length.
+    #[error("patch shared stream is corrupt: {reason}")]
+    CorruptShared {
+        /// What went wrong.
+        reason: String,
     },
     /// A region's payload did not decode to its declared length.
     #[error("patch region {region} is corrupt: {reason}")]
@@ -305,8 +361,50 @@ pub struct Region {
     pub extents: Vec<Extent>,
     /// Offset of the payload in the patch.
     pub payload_offset: u64,
-    /// Payload length.
+    /// Payload length (0 when the records are a slice of the shared stream).
     pub payload_len: u64,
+    /// Where its records are in the decoded shared stream, instead of a payload of its own
+    /// (bsdiff ops only).
+    pub shared: Option<SharedSlice>,
+}
+
+/// A byte range of the decoded shared stream: one region's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedSlice {
+    /// Offset in the decoded shared stream.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The patch's shared stream: one zstd frame holding the records of several regions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedStream {
+    /// Old bytes used as the frame's reference prefix, in reference order.
+    pub extents: Vec<Extent>,
+    /// Decoded length.
+    pub len: u64,
+    /// Offset of the frame in the patch (the first payload).
+    pub payload_offset: u64,
+    /// Length of the frame.
+    pub payload_len: u64,
+}
+
+impl SharedStream {
+    /// Its bounds: extents inside the old image and within the window, the decoded length
+    /// within the limit and not empty.
+    fn check(&self, old_size: u64, window: u64, limits: &DeltaLimits) -> Result<(), DeltaError> {
+        if self.len > limits.max_shared {
+            return Err(DeltaError::SharedTooLarge { declared: self.len, limit: limits.max_shared });
+        }
+        if self.len == 0 {
+            return Err(DeltaError::Malformed { reason: "an empty shared stream" });
+        }
+        if check_extents(&self.extents, old_size)? > window {
+            return Err(DeltaError::Malformed { reason: "the shared stream's reference is larger than the window" });
+        }
+        Ok(())
+    }
 }
 
 impl Region {
@@ -325,228 +423,10 @@ pub struct PatchHeader {
     pub new_size: u64,
     /// Largest reference or patched region.
     pub window: u64,
+    /// The shared stream, when some regions' records are in it.
+    pub shared: Option<SharedStream>,
     /// The regions, in new-image order.
     pub regions: Vec<Region>,
-}
-
-impl PatchHeader {
-    /// Reads and checks the header and region table, leaving `patch` at the first payload.
-    ///
-    /// # Errors
-    /// [`DeltaError::BadMagic`], [`DeltaError::UnsupportedVersion`], limits exceeded, a
-    /// table that is inconsistent (extents past the old image, lengths that do not add up),
-    /// or a truncated patch.
-    pub fn read(patch: &mut dyn Read, limits: &DeltaLimits) -> Result<Self, DeltaError> {
-        let mut fixed = [0u8; HEADER_LEN];
-        read_full(patch, &mut fixed, "the header")?;
-        let Fixed { flags, count, old_size, new_size, table_len, window } = Fixed::parse(&fixed, limits)?;
-        let stored_len = usize::try_from(table_len).map_err(|_| DeltaError::Malformed { reason: "table length" })?;
-        let mut stored = vec![0u8; stored_len];
-        read_full(patch, &mut stored, "the region table")?;
-        let table = if flags & FLAG_TABLE_ZSTD != 0 {
-            // u64 decoded length, then one zstd frame; the decoded length is bounded too.
-            let raw_len = stored
-                .get(..8)
-                .map(|b| u64::from_le_bytes(word(b)))
-                .ok_or(DeltaError::Malformed { reason: "compressed region table without its length" })?;
-            if raw_len > limits.max_table_len {
-                return Err(DeltaError::TableTooLarge { declared: raw_len, limit: limits.max_table_len });
-            }
-            let raw_len = usize::try_from(raw_len).map_err(|_| DeltaError::Malformed { reason: "table length" })?;
-            let raw = zstd::bulk::decompress(&stored[8..], raw_len)
-                .map_err(|_| DeltaError::Malformed { reason: "compressed region table does not decode" })?;
-            if raw.len() != raw_len {
-                return Err(DeltaError::Malformed { reason: "compressed region table has the wrong length" });
-            }
-            raw
-        } else {
-            stored
-        };
-        if u64::from(count) * REGION_RECORD_LEN as u64 > table.len() as u64 {
-            return Err(DeltaError::Malformed { reason: "region count does not fit the table length" });
-        }
-        let payloads_start = HEADER_LEN as u64 + table_len;
-        let regions = parse_table(&table, count, old_size, new_size, window, payloads_start)?;
-        Ok(Self { old_size, new_size, window, regions })
-    }
-
-    /// Bytes the header and region table occupy at the start of a patch, from its fixed
-    /// header (the first [`HEADER_LEN`] bytes), so a reader can fetch exactly them before it
-    /// knows anything else. The same checks as [`PatchHeader::read`] apply to the fixed part.
-    ///
-    /// # Errors
-    /// [`DeltaError::BadMagic`], [`DeltaError::UnsupportedVersion`], limits exceeded, unknown
-    /// flags.
-    pub fn stored_len(fixed: &[u8; HEADER_LEN], limits: &DeltaLimits) -> Result<u64, DeltaError> {
-        Ok(HEADER_LEN as u64 + Fixed::parse(fixed, limits)?.table_len)
-    }
-
-    /// Where the last payload ends: the length of the whole patch.
-    pub fn payload_end(&self) -> u64 {
-        self.regions.last().map_or(0, |r| r.payload_offset + r.payload_len)
-    }
-
-    /// Encoded length of the header and table.
-    pub fn encoded_len(&self) -> u64 {
-        self.encode().len() as u64
-    }
-
-    fn raw_table(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        for region in &self.regions {
-            out.push(region.op.code());
-            out.push(0);
-            out.extend_from_slice(&u16::try_from(region.extents.len()).unwrap_or(u16::MAX).to_le_bytes());
-            out.extend_from_slice(&region.new_len.to_le_bytes());
-            out.extend_from_slice(&region.payload_len.to_le_bytes());
-            for extent in &region.extents {
-                out.extend_from_slice(&extent.offset.to_le_bytes());
-                out.extend_from_slice(&extent.len.to_le_bytes());
-            }
-        }
-        out
-    }
-
-    /// Encodes the header and table (the payloads follow them). The table is stored zstd
-    /// compressed when that is smaller (large images have thousands of regions).
-    pub fn encode(&self) -> Vec<u8> {
-        let raw = self.raw_table();
-        let (flags, table) = match zstd::bulk::compress(&raw, 19) {
-            Ok(z) if z.len() + 8 < raw.len() => {
-                let mut t = (raw.len() as u64).to_le_bytes().to_vec();
-                t.extend_from_slice(&z);
-                (FLAG_TABLE_ZSTD, t)
-            }
-            _ => (0u16, raw),
-        };
-        let mut out = Vec::with_capacity(HEADER_LEN + table.len());
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&flags.to_le_bytes());
-        out.extend_from_slice(&u32::try_from(self.regions.len()).unwrap_or(u32::MAX).to_le_bytes());
-        out.extend_from_slice(&self.old_size.to_le_bytes());
-        out.extend_from_slice(&self.new_size.to_le_bytes());
-        out.extend_from_slice(&(table.len() as u64).to_le_bytes());
-        out.extend_from_slice(&self.window.to_le_bytes());
-        out.extend_from_slice(&table);
-        out
-    }
-
-    /// The manifest method that describes this patch: a single patched region names its op,
-    /// anything else is [`DeltaMethod::Regions`].
-    pub fn method(&self) -> DeltaMethod {
-        let mut patched = self.regions.iter().filter(|r| r.op != RegionOp::Copy);
-        match (patched.next(), patched.next()) {
-            (Some(r), None) if matches!(r.op, RegionOp::Bsdiff | RegionOp::BsdiffSparse) => DeltaMethod::Bsdiff,
-            (Some(_), None) | (None, None) => DeltaMethod::Zstd,
-            _ => DeltaMethod::Regions,
-        }
-    }
-}
-
-/// The fixed header's fields, checked against the limits.
-struct Fixed {
-    flags: u16,
-    count: u32,
-    old_size: u64,
-    new_size: u64,
-    table_len: u64,
-    window: u64,
-}
-
-impl Fixed {
-    fn parse(fixed: &[u8; HEADER_LEN], limits: &DeltaLimits) -> Result<Self, DeltaError> {
-        if fixed[..8] != MAGIC {
-            return Err(DeltaError::BadMagic);
-        }
-        let version = u16::from_le_bytes([fixed[8], fixed[9]]);
-        if version != FORMAT_VERSION {
-            return Err(DeltaError::UnsupportedVersion(version));
-        }
-        let flags = u16::from_le_bytes([fixed[10], fixed[11]]);
-        let count = u32::from_le_bytes(word(&fixed[12..16]));
-        let old_size = u64::from_le_bytes(word(&fixed[16..24]));
-        let new_size = u64::from_le_bytes(word(&fixed[24..32]));
-        let table_len = u64::from_le_bytes(word(&fixed[32..40]));
-        let window = u64::from_le_bytes(word(&fixed[40..48]));
-        if old_size > MAX_IMAGE_SIZE {
-            return Err(DeltaError::Malformed { reason: "old image size above the 16 TiB limit" });
-        }
-        if new_size > limits.max_new_size {
-            return Err(DeltaError::ImageTooLarge { declared: new_size, limit: limits.max_new_size });
-        }
-        if window > limits.max_window {
-            return Err(DeltaError::WindowTooLarge { declared: window, limit: limits.max_window });
-        }
-        if table_len > limits.max_table_len {
-            return Err(DeltaError::TableTooLarge { declared: table_len, limit: limits.max_table_len });
-        }
-        if flags & !FLAG_TABLE_ZSTD != 0 {
-            return Err(DeltaError::Malformed { reason: "unknown header flags" });
-        }
-        if flags & FLAG_TABLE_ZSTD == 0 && u64::from(count) * REGION_RECORD_LEN as u64 > table_len {
-            return Err(DeltaError::Malformed { reason: "region count does not fit the table length" });
-        }
-        Ok(Self { flags, count, old_size, new_size, table_len, window })
-    }
-}
-
-fn word<const N: usize>(bytes: &[u8]) -> [u8; N] {
-    let mut out = [0u8; N];
-    out.copy_from_slice(&bytes[..N]);
-    out
-}
-
-fn parse_table(
-    table: &[u8],
-    count: u32,
-    old_size: u64,
-    new_size: u64,
-    window: u64,
-    payloads_start: u64,
-) -> Result<Vec<Region>, DeltaError> {
-    let malformed = |reason| DeltaError::Malformed { reason };
-    let mut regions = Vec::with_capacity(count as usize);
-    let mut pos = 0usize;
-    let mut new_offset = 0u64;
-    let mut payload_offset = payloads_start;
-    for _ in 0..count {
-        let record = table.get(pos..pos + REGION_RECORD_LEN).ok_or(malformed("region table ends inside a region"))?;
-        pos += REGION_RECORD_LEN;
-        let op = RegionOp::from_code(record[0]).ok_or(malformed("unknown region op"))?;
-        let extent_count = usize::from(u16::from_le_bytes([record[2], record[3]]));
-        let new_len = u64::from_le_bytes(word(&record[4..12]));
-        let payload_len = u64::from_le_bytes(word(&record[12..20]));
-        if extent_count > MAX_EXTENTS {
-            return Err(malformed("a region lists too many extents"));
-        }
-        let mut extents = Vec::with_capacity(extent_count);
-        for _ in 0..extent_count {
-            let raw = table.get(pos..pos + EXTENT_RECORD_LEN).ok_or(malformed("region table ends inside an extent"))?;
-            pos += EXTENT_RECORD_LEN;
-            extents
-                .push(Extent { offset: u64::from_le_bytes(word(&raw[..8])), len: u64::from_le_bytes(word(&raw[8..])) });
-        }
-        let region = Region { op, new_offset, new_len, extents, payload_offset, payload_len };
-        check_region(&region, old_size, window)?;
-        regions.push(region);
-        new_offset = new_offset.checked_add(new_len).ok_or(malformed("region lengths overflow"))?;
-        payload_offset = payload_offset.checked_add(payload_len).ok_or(malformed("payload lengths overflow"))?;
-    }
-    if pos != table.len() {
-        return Err(malformed("region table is longer than its regions"));
-    }
-    if new_offset != new_size {
-        return Err(malformed("region lengths do not add up to the new image size"));
-    }
-    Ok(regions)
-}
-
-fn read_full(reader: &mut dyn Read, buf: &mut [u8], what: &'static str) -> Result<(), DeltaError> {
-    reader.read_exact(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => DeltaError::Truncated { what },
-        _ => DeltaError::ReadPatch(e),
-    })
 }
 
 /// Applies `patch` to `old`, writing the new image to `out`; returns the bytes written.
@@ -569,6 +449,9 @@ pub fn apply(
 ) -> Result<u64, DeltaError> {
     let header = PatchHeader::read(patch, limits)?;
     let mut applier = RegionApplier::new(&header, old, limits)?;
+    if header.shared.is_some() {
+        applier.load_shared(patch)?;
+    }
     let mut written = 0u64;
     for number in 0..header.regions.len() {
         let number = u32::try_from(number).map_err(|_| DeltaError::Malformed { reason: "region count" })?;
@@ -588,7 +471,8 @@ pub fn apply(
 ///
 /// Memory is the same as [`apply`]'s: one reference and one decoder window (each ≤ the
 /// patch's window, itself ≤ [`DeltaLimits::max_window`]) plus small buffers, kept between
-/// regions. Each region is checked again before anything is allocated for it (extents
+/// regions, and the decoded shared stream once [`RegionApplier::load_shared`] read it (a
+/// region whose records are in it needs it first; its own payload is empty). Each region is checked again before anything is allocated for it (extents
 /// inside the old image, reference and output within the window), so a [`PatchHeader`]
 /// built by hand is held to the same bounds as one [`PatchHeader::read`] returned.
 ///
@@ -613,8 +497,10 @@ pub fn apply(
 pub struct RegionApplier<'a> {
     header: &'a PatchHeader,
     old: &'a dyn OldImage,
+    limits: DeltaLimits,
     reference: Vec<u8>,
     buf: Vec<u8>,
+    shared: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for RegionApplier<'_> {
@@ -640,7 +526,45 @@ impl<'a> RegionApplier<'a> {
         if old.size() != header.old_size {
             return Err(DeltaError::BaseMismatch { expected: header.old_size, actual: old.size() });
         }
-        Ok(Self { header, old, reference: Vec::new(), buf: vec![0u8; IO_BUF_LEN] })
+        Ok(Self { header, old, limits: *limits, reference: Vec::new(), buf: vec![0u8; IO_BUF_LEN], shared: None })
+    }
+
+    /// Reads exactly the shared stream's payload (`payload_len` bytes) from `payload` and
+    /// decodes it, for the regions whose records are in it. Checks the stream's bounds again
+    /// first (a hand-built header is held to them too).
+    ///
+    /// # Errors
+    /// [`DeltaError::Malformed`] when the patch has no shared stream or its extents are out of
+    /// bounds; [`DeltaError::SharedTooLarge`]; [`DeltaError::CorruptShared`] when the frame
+    /// does not decode to exactly its declared length ([`DeltaError::Truncated`] when it is
+    /// cut); read errors.
+    pub fn load_shared(&mut self, payload: &mut dyn Read) -> Result<(), DeltaError> {
+        let shared =
+            self.header.shared.as_ref().ok_or(DeltaError::Malformed { reason: "the patch has no shared stream" })?;
+        shared.check(self.old.size(), self.header.window, &self.limits)?;
+        self.shared = None;
+        load_reference(self.old, &shared.extents, &mut self.reference)?;
+        let mut payload = payload.take(shared.payload_len);
+        let capacity = usize::try_from(shared.len).map_err(|_| DeltaError::Malformed { reason: "shared length" })?;
+        let mut decoded = Vec::with_capacity(capacity);
+        let failure = |f| match f {
+            RegionFailure::Truncated => DeltaError::Truncated { what: "the shared stream" },
+            RegionFailure::Corrupt(reason) => DeltaError::CorruptShared { reason },
+            RegionFailure::Write(e) => DeltaError::CorruptShared { reason: e.to_string() },
+        };
+        let window = self.header.window;
+        let produced = apply_zstd(&mut payload, &self.reference, shared.len, &mut decoded, &mut self.buf, window)
+            .map_err(failure)?;
+        if produced != shared.len {
+            return Err(DeltaError::CorruptShared {
+                reason: format!("decoded to {produced} bytes, the table says {}", shared.len),
+            });
+        }
+        if payload.limit() != 0 {
+            return Err(DeltaError::CorruptShared { reason: "payload longer than its frame".into() });
+        }
+        self.shared = Some(decoded);
+        Ok(())
     }
 
     /// Applies region `number`: reads exactly its `payload_len` bytes from `payload` (which
@@ -659,17 +583,47 @@ impl<'a> RegionApplier<'a> {
             .ok()
             .and_then(|n| self.header.regions.get(n))
             .ok_or(DeltaError::Malformed { reason: "no such region in the table" })?;
-        check_region(region, self.old.size(), self.header.window)?;
+        check_region(region, self.old.size(), self.header.window, self.header.shared.as_ref())?;
         let mut payload = payload.take(region.payload_len);
         let (old, reference, buf, window) = (self.old, &mut self.reference, &mut self.buf, self.header.window);
-        let produced = match region.op {
-            RegionOp::Copy => copy_extents(old, &region.extents, out, buf)?,
-            RegionOp::Zstd => {
+        let produced = match (region.op, region.shared) {
+            (RegionOp::Bsdiff | RegionOp::BsdiffSparse, Some(slice)) => {
+                let shared = self
+                    .shared
+                    .as_deref()
+                    .ok_or(DeltaError::Malformed { reason: "the shared stream is not loaded" })?;
+                // check_region bounded the slice by the stream's declared length, which the
+                // loaded stream has.
+                let records = usize::try_from(slice.offset)
+                    .ok()
+                    .zip(usize::try_from(slice.offset + slice.len).ok())
+                    .and_then(|(start, end)| shared.get(start..end))
+                    .ok_or(DeltaError::Malformed { reason: "a region's slice reaches past the shared stream" })?;
+                load_reference(old, &region.extents, reference)?;
+                let sparse = region.op == RegionOp::BsdiffSparse;
+                bsdiff::apply_records(&mut &records[..], reference, region.new_len, out, buf, sparse).map_err(|e| {
+                    match e {
+                        // The slice is all the records there are: ending early is corruption.
+                        RegionFailure::Truncated => DeltaError::CorruptRegion {
+                            region: number,
+                            reason: "its records in the shared stream end early".into(),
+                        },
+                        e => region_error(number, e),
+                    }
+                })?
+            }
+            (_, Some(_)) => {
+                return Err(DeltaError::Malformed {
+                    reason: "only a bsdiff region may take its records from the shared stream",
+                });
+            }
+            (RegionOp::Copy, None) => copy_extents(old, &region.extents, out, buf)?,
+            (RegionOp::Zstd, None) => {
                 load_reference(old, &region.extents, reference)?;
                 apply_zstd(&mut payload, reference, region.new_len, out, buf, window)
                     .map_err(|e| region_error(number, e))?
             }
-            RegionOp::Bsdiff | RegionOp::BsdiffSparse => {
+            (RegionOp::Bsdiff | RegionOp::BsdiffSparse, None) => {
                 load_reference(old, &region.extents, reference)?;
                 let sparse = region.op == RegionOp::BsdiffSparse;
                 bsdiff::apply(&mut payload, reference, region.new_len, out, buf, window, sparse)
@@ -691,18 +645,22 @@ impl<'a> RegionApplier<'a> {
 
 /// The table's per-region bounds, checked again where a region is applied: extents inside
 /// the old image, a patched region's reference and output within the window, a copy
-/// region's extents adding up to its output and carrying no payload.
-fn check_region(region: &Region, old_size: u64, window: u64) -> Result<(), DeltaError> {
+/// region's extents adding up to its output and carrying no payload, a slice of the shared
+/// stream (`shared`) only for bsdiff ops, inside the stream and without a payload.
+fn check_region(region: &Region, old_size: u64, window: u64, shared: Option<&SharedStream>) -> Result<(), DeltaError> {
     let malformed = |reason| DeltaError::Malformed { reason };
-    if region.extents.len() > MAX_EXTENTS {
-        return Err(malformed("a region lists too many extents"));
-    }
-    let mut reference = 0u64;
-    for e in &region.extents {
-        if e.offset.checked_add(e.len).is_none_or(|end| end > old_size) {
-            return Err(malformed("an extent reaches past the old image"));
+    let reference = check_extents(&region.extents, old_size)?;
+    if let Some(slice) = region.shared {
+        if !matches!(region.op, RegionOp::Bsdiff | RegionOp::BsdiffSparse) {
+            return Err(malformed("only a bsdiff region may take its records from the shared stream"));
         }
-        reference = reference.checked_add(e.len).ok_or(malformed("extent lengths overflow"))?;
+        if region.payload_len != 0 {
+            return Err(malformed("a region in the shared stream has a payload"));
+        }
+        let len = shared.ok_or(malformed("a region names a shared stream the patch does not have"))?.len;
+        if slice.offset.checked_add(slice.len).is_none_or(|end| end > len) {
+            return Err(malformed("a region's slice reaches past the shared stream"));
+        }
     }
     match region.op {
         RegionOp::Copy if reference != region.new_len => Err(malformed("a copy region's extents do not add up")),
@@ -712,6 +670,22 @@ fn check_region(region: &Region, old_size: u64, window: u64) -> Result<(), Delta
         }
         _ => Ok(()),
     }
+}
+
+/// Checks extents lie inside the old image and returns their total length.
+fn check_extents(extents: &[Extent], old_size: u64) -> Result<u64, DeltaError> {
+    let malformed = |reason| DeltaError::Malformed { reason };
+    if extents.len() > MAX_EXTENTS {
+        return Err(malformed("a region lists too many extents"));
+    }
+    let mut reference = 0u64;
+    for e in extents {
+        if e.offset.checked_add(e.len).is_none_or(|end| end > old_size) {
+            return Err(malformed("an extent reaches past the old image"));
+        }
+        reference = reference.checked_add(e.len).ok_or(malformed("extent lengths overflow"))?;
+    }
+    Ok(reference)
 }
 
 /// Errors inside one region's decoding: truncation is told apart from corruption.
@@ -786,7 +760,19 @@ fn apply_zstd(
     decoder.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(window_log(window, window))).map_err(corrupt)?;
     let mut reader = zstd::stream::zio::Reader::new(io::BufReader::with_capacity(IO_BUF_LEN, payload), decoder);
     reader.set_single_frame();
-    pump(&mut reader, new_len, out, buf)
+    let produced = pump(&mut reader, new_len, out, buf)?;
+    frame_ended_payload(reader.reader())?;
+    Ok(produced)
+}
+
+/// After a frame: the payload must end with it. The frame reader buffers ahead, so bytes
+/// after the frame are in its buffer (or still unread, which the caller's `take` sees).
+fn frame_ended_payload<R: Read>(reader: &io::BufReader<R>) -> Result<(), RegionFailure> {
+    if reader.buffer().is_empty() {
+        Ok(())
+    } else {
+        Err(RegionFailure::Corrupt("payload longer than its frame".into()))
+    }
 }
 
 /// Copies a decoded stream to `out`, refusing more than `limit` bytes.
@@ -826,6 +812,7 @@ fn compress_zstd(level: i32, reference: &[u8], data: &[u8]) -> io::Result<Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::DeltaMethod;
 
     fn sample(len: usize, seed: u64) -> Vec<u8> {
         let mut state = seed;
@@ -841,13 +828,14 @@ mod tests {
         let payload = match op {
             RegionOp::Zstd => compress_zstd(3, old, new).unwrap(),
             RegionOp::Bsdiff => bsdiff::diff(old, new, 3).unwrap(),
-            RegionOp::BsdiffSparse => bsdiff::diff_sparse(old, new, &bsdiff::records(old, new), 3).unwrap(),
+            RegionOp::BsdiffSparse => bsdiff::diff_sparse(old, new, &bsdiff::records(old, new), 3).unwrap().0,
             RegionOp::Copy => Vec::new(),
         };
         let header = PatchHeader {
             old_size: old.len() as u64,
             new_size: new.len() as u64,
             window: (old.len().max(new.len())) as u64,
+            shared: None,
             regions: vec![Region {
                 op,
                 new_offset: 0,
@@ -855,6 +843,7 @@ mod tests {
                 extents: vec![Extent { offset: 0, len: old.len() as u64 }],
                 payload_offset: 0,
                 payload_len: payload.len() as u64,
+                shared: None,
             }],
         };
         let mut patch = header.encode();
@@ -932,11 +921,41 @@ mod tests {
     #[test]
     fn extent_past_old_image_is_refused() {
         let old = sample(1000, 7);
-        let mut patch = single_region_patch(RegionOp::Zstd, &old, &old);
+        let mut patch = to_v1(&single_region_patch(RegionOp::Zstd, &old, &old));
         let extent_len_at = HEADER_LEN + REGION_RECORD_LEN + 8;
         patch[extent_len_at..extent_len_at + 8].copy_from_slice(&1001u64.to_le_bytes());
         let err = apply(&mut patch.as_slice(), &old, &mut Vec::new(), &DeltaLimits::default());
         assert!(matches!(err, Err(DeltaError::Malformed { .. })), "{err:?}");
+        // The same in version 2: the extent's offset (zigzag, relative to the region's new
+        // offset) is the record's sixth byte (the new length 1000 takes two); 2 moves the
+        // extent to 1..1001.
+        let mut patch = single_region_patch(RegionOp::Zstd, &old, &old);
+        assert_eq!(patch[HEADER_LEN + 5], 0);
+        patch[HEADER_LEN + 5] = 2;
+        let err = apply(&mut patch.as_slice(), &old, &mut Vec::new(), &DeltaLimits::default());
+        assert!(matches!(err, Err(DeltaError::Malformed { .. })), "{err:?}");
+    }
+
+    /// The same patch with a version 1 header and table.
+    fn to_v1(patch: &[u8]) -> Vec<u8> {
+        let header = PatchHeader::read(&mut &patch[..], &DeltaLimits::default()).unwrap();
+        let mut v1 = header.encode_v1();
+        v1.extend_from_slice(&patch[header.encoded_len() as usize..]);
+        v1
+    }
+
+    #[test]
+    fn version_1_patches_still_apply() {
+        let old = sample(100_000, 3);
+        let mut new = old.clone();
+        new[500..520].copy_from_slice(&sample(20, 4));
+        for op in [RegionOp::Zstd, RegionOp::Bsdiff, RegionOp::BsdiffSparse] {
+            let patch = to_v1(&single_region_patch(op, &old, &new));
+            assert_eq!(u16::from_le_bytes([patch[8], patch[9]]), FORMAT_VERSION_1);
+            let mut out = Vec::new();
+            apply(&mut patch.as_slice(), &old, &mut out, &DeltaLimits::default()).unwrap();
+            assert_eq!(out, new, "{op:?}");
+        }
     }
 
     #[test]
@@ -975,9 +994,10 @@ mod tests {
                 extents: vec![Extent { offset: (199 - i) * 4096, len: 4096 }],
                 payload_offset: 0,
                 payload_len: 0,
+                shared: None,
             })
             .collect();
-        let header = PatchHeader { old_size: 200 * 4096, new_size: 200 * 4096, window: 0, regions };
+        let header = PatchHeader { old_size: 200 * 4096, new_size: 200 * 4096, window: 0, shared: None, regions };
         let bytes = header.encode();
         assert_eq!(u16::from_le_bytes([bytes[10], bytes[11]]), FLAG_TABLE_ZSTD);
         assert!(bytes.len() < HEADER_LEN + 200 * (REGION_RECORD_LEN + EXTENT_RECORD_LEN) / 2, "{} bytes", bytes.len());

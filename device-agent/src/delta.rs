@@ -20,15 +20,16 @@
 //!    (`fetch`); the table must describe the two images and end where the patch ends.
 //! 3. **Plan** (`plan`). Per group of regions (regions whose output starts and ends on the
 //!    new index's chunk boundaries; one region for the encoder's patches): the patch chunks
-//!    its payload needs that are not held, against its chunks still missing from the target
+//!    its payload needs that are not held (and the patch's shared stream, when some of its
+//!    regions take their records from it), against its chunks still missing from the target
 //!    slot. Shared chunks are paid once on either side; the cheapest mix found wins, never
 //!    dearer than the whole patch or the chunks alone. The plan goes out as an event (regions
 //!    from the patch, from chunks, already held; bytes of each plan).
 //! 4. **Fetch and apply** (`apply`). Only the chosen regions' patch chunks are fetched; the
 //!    record `<state>/patch.progress` claims them only after the file is synced, so a kill
 //!    during the download never refetches a verified patch chunk. The chosen regions are
-//!    applied one by one with `flotilla_core::delta::RegionApplier`, the active slot as the
-//!    old image; the output is cut at the new index's chunk boundaries, each chunk's BLAKE3 id
+//!    applied one by one with `flotilla_core::delta::RegionApplier` (the shared stream loaded
+//!    first, once, when a chosen region needs it), the active slot as the old image; the output is cut at the new index's chunk boundaries, each chunk's BLAKE3 id
 //!    checked before it is written at every place it is still missing in the target slot, and
 //!    the slot's progress record claims chunks only after the slot is synced. Chunks already
 //!    in the slot are never written again. Memory stays within the codec's window plus one
@@ -550,14 +551,19 @@ mod tests {
     }
 
     fn fixture_with(old: &[u8], old_in_slot: &[u8], opts: &codec::EncodeOptions) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let slots = Slots::File { a: dir.path().join("a.img"), b: dir.path().join("b.img") };
-        std::fs::write(dir.path().join("a.img"), old_in_slot).unwrap();
         let mut new = old.to_vec();
         for k in 0..20 {
             let at = (k * 7919 * 131 + 999) % (new.len() - 8);
             new[at..at + 4].copy_from_slice(b"EDIT");
         }
+        fixture_pair(old, new, old_in_slot, opts)
+    }
+
+    /// Slot A holds `old_in_slot`; the patch goes from `old` to `new`.
+    fn fixture_pair(old: &[u8], new: Vec<u8>, old_in_slot: &[u8], opts: &codec::EncodeOptions) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = Slots::File { a: dir.path().join("a.img"), b: dir.path().join("b.img") };
+        std::fs::write(dir.path().join("a.img"), old_in_slot).unwrap();
         let index = index_of(&new);
         let mut patch = Vec::new();
         codec::encode(&old.to_vec(), &index_of(old), &new, &index, opts, &mut patch, &mut |_, _| {}).unwrap();
@@ -687,6 +693,46 @@ mod tests {
             } else {
                 assert!(!journal::is_done(&bits, i), "chunk {i} of another region is left to the chunks");
                 assert!(slot[at].iter().all(|b| *b == 0), "chunk {i} is not written");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn chosen_groups_in_the_shared_stream_apply_after_it_is_loaded() {
+        // The same 1500-byte block written at three places 500 KB apart (a change repeated
+        // in three files): one shared stream carries it once for three regions.
+        let old = noise(5, 1_500_000);
+        let block = noise(6, 1500);
+        let mut new = old.clone();
+        for at in [100_000, 600_000, 1_100_000] {
+            new.splice(at..at + 800, block.iter().copied());
+        }
+        let mut opts = codec::EncodeOptions::default();
+        opts.window = 256 << 10;
+        opts.region_len = 128 << 10;
+        opts.level = 9;
+        let f = fixture_pair(&old, new, &old, &opts);
+        let header = header_of(&f);
+        assert!(header.shared.is_some(), "the repeated edits share a stream");
+        let groups = plan::groups(&header, &f.index);
+        let shared: Vec<plan::Group> = groups.iter().filter(|g| g.shared).cloned().collect();
+        // The encoder cuts window-sized sparse regions inside copies, so its regions seldom end
+        // on chunk boundaries and may all fall in one group of the planner (the subsets are
+        // priced in `plan`'s tests and applied in the codec's).
+        assert!(!shared.is_empty());
+        // The groups in the shared stream alone: each chunk they produce verified and written,
+        // every other chunk left to the chunks.
+        let mut bits = vec![0u8; f.index.len().div_ceil(8)];
+        let (r, _) = run_groups(&f, &mut bits, header, shared.clone()).await;
+        assert!(r.is_ok(), "the shared groups apply");
+        let slot = std::fs::read(f.slots.image_path(SlotName::B)).unwrap();
+        for (i, (offset, e)) in f.index.iter_with_offsets().enumerate() {
+            let at = offset as usize..offset as usize + e.len as usize;
+            if shared.iter().any(|g| g.entries.contains(&i)) {
+                assert!(journal::is_done(&bits, i), "chunk {i} is claimed");
+                assert_eq!(slot[at.clone()], f.new[at], "chunk {i}");
+            } else {
+                assert!(!journal::is_done(&bits, i), "chunk {i} is left to the chunks");
             }
         }
     }

@@ -15,7 +15,8 @@
 //! bsdiff takes hours, so the `qbsdiff` crate (parallel search) stands in for it.
 //!
 //! Other env vars: `FLOTILLA_DELTA_ONLY` (run only the pairs whose name contains it),
-//! `FLOTILLA_DELTA_VERBOSE=1` (print the patch's region table: op, lengths, payload bytes),
+//! `FLOTILLA_DELTA_VERBOSE=1` (print the patch's region table: op, lengths, payload bytes or
+//! slice of the shared stream, and the shared stream),
 //! `FLOTILLA_DELTA_LEVEL`, `FLOTILLA_DELTA_BSDIFF_MAX`, `FLOTILLA_DELTA_REGION_LEN` (override
 //! [`EncodeOptions`] fields, for experiments), `FLOTILLA_DELTA_ANCHOR_CACHE` (a file where the other tools' sizes and times are kept per
 //! pair and reused, to iterate on Flotilla's encoder without re-running them; leave it unset
@@ -269,20 +270,36 @@ fn cached_anchors(cache: &Path, key: &str) -> Option<[(f64, f64); 4]> {
 }
 
 /// Prints a patch's region table: one line per region (op, new offset and length, reference
-/// extents and bytes, payload bytes), then the header and table bytes.
+/// extents and bytes, payload bytes or its slice of the shared stream), the shared stream,
+/// then the header and table bytes.
 fn print_regions(patch: &Path) -> Result<()> {
     let mut file = BufReader::new(std::fs::File::open(patch)?);
     let header = delta::PatchHeader::read(&mut file, &DeltaLimits::default())?;
-    let head_len = header.regions.first().map_or(0, |r| r.payload_offset);
+    let head_len = match (&header.shared, header.regions.first()) {
+        (Some(s), _) => s.payload_offset,
+        (None, first) => first.map_or(0, |r| r.payload_offset),
+    };
     for (i, r) in header.regions.iter().enumerate() {
+        let payload = match r.shared {
+            Some(slice) => format!("shared {}+{}", slice.offset, slice.len),
+            None => format!("payload {:>7}", r.payload_len),
+        };
         println!(
-            "    region {i:>4} {:<6} new {:>10}+{:<8} extents {:>3} ref {:>8} payload {:>7}",
+            "    region {i:>4} {:<6} new {:>10}+{:<8} extents {:>3} ref {:>8} {payload}",
             format!("{:?}", r.op).to_lowercase(),
             r.new_offset,
             r.new_len,
             r.extents.len(),
             r.reference_len(),
-            r.payload_len
+        );
+    }
+    if let Some(s) = &header.shared {
+        let reference: u64 = s.extents.iter().map(|e| e.len).sum();
+        println!(
+            "    shared stream: {} bytes decoded, payload {}, extents {} ref {reference}",
+            s.len,
+            s.payload_len,
+            s.extents.len()
         );
     }
     println!("    header and table: {head_len} bytes");

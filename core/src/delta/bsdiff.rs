@@ -48,11 +48,23 @@ pub(super) fn diff(reference: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u
 }
 
 /// Encodes `new` against `reference` in the sparse form, from records whose positions are in
-/// `reference` and `new` (see [`records`]; they must cover `new` in order).
-pub(super) fn diff_sparse(reference: &[u8], new: &[u8], records: &[Record], level: i32) -> io::Result<Vec<u8>> {
+/// `reference` and `new` (see [`records`]; they must cover `new` in order). Returns the frame
+/// and the record stream it decodes to.
+pub(super) fn diff_sparse(
+    reference: &[u8],
+    new: &[u8],
+    records: &[Record],
+    level: i32,
+) -> io::Result<(Vec<u8>, Vec<u8>)> {
     let stream = serialize(reference, new, records, true);
+    let frame = compress_sparse(reference, &stream, level)?;
+    Ok((frame, stream))
+}
+
+/// Compresses a sparse record stream, with `reference` as prefix unless the stream is long.
+fn compress_sparse(reference: &[u8], stream: &[u8], level: i32) -> io::Result<Vec<u8>> {
     if stream.len() > MAX_PREFIXED_STREAM {
-        return compress(&stream, level);
+        return compress(stream, level);
     }
     let mut encoder = zstd::stream::raw::Encoder::with_ref_prefix(level, reference)?;
     use zstd::stream::raw::CParameter;
@@ -61,7 +73,7 @@ pub(super) fn diff_sparse(reference: &[u8], new: &[u8], records: &[Record], leve
     encoder.set_parameter(CParameter::ContentSizeFlag(true))?;
     encoder.set_pledged_src_size(Some(stream.len() as u64))?;
     let mut writer = zstd::stream::zio::Writer::new(Vec::with_capacity(stream.len() / 8 + 64), encoder);
-    writer.write_all(&stream)?;
+    writer.write_all(stream)?;
     writer.finish()?;
     Ok(writer.into_inner().0)
 }
@@ -309,13 +321,29 @@ pub(super) fn apply(
     decoder.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(log_max)).map_err(corrupt)?;
     let mut stream = zstd::stream::zio::Reader::new(BufReader::with_capacity(IO_BUF_LEN, payload), decoder);
     stream.set_single_frame();
+    let produced = apply_records(&mut stream, reference, new_len, out, buf, sparse)?;
+    super::frame_ended_payload(stream.reader())?;
+    Ok(produced)
+}
+
+/// Applies a decoded record stream (`stream`, which must end with the region's last record)
+/// to `reference`: what a region's own frame decodes to, or its slice of the patch's shared
+/// stream.
+pub(super) fn apply_records(
+    stream: &mut dyn Read,
+    reference: &[u8],
+    new_len: u64,
+    out: &mut dyn Write,
+    buf: &mut [u8],
+    sparse: bool,
+) -> Result<u64, RegionFailure> {
     let mut cursor = 0u64;
     let mut produced = 0u64;
     let ref_len = reference.len() as u64;
     while produced < new_len {
-        let seek = unzigzag(read_varint(&mut stream)?);
-        let add = read_varint(&mut stream)?;
-        let copy = read_varint(&mut stream)?;
+        let seek = unzigzag(read_varint(stream)?);
+        let add = read_varint(stream)?;
+        let copy = read_varint(stream)?;
         cursor = cursor.checked_add_signed(seek).ok_or(RegionFailure::Corrupt("seek before the reference".into()))?;
         let total = add.checked_add(copy).filter(|t| *t > 0 && produced + *t <= new_len);
         let Some(total) = total else {
@@ -327,8 +355,8 @@ pub(super) fn apply(
         let mut left = add;
         while left > 0 {
             let (same, diff) = if sparse {
-                let same = read_varint(&mut stream)?;
-                let diff = read_varint(&mut stream)?;
+                let same = read_varint(stream)?;
+                let diff = read_varint(stream)?;
                 match same.checked_add(diff) {
                     Some(run) if run > 0 && run <= left => (same, diff),
                     _ => return Err(RegionFailure::Corrupt("a run produces nothing or too much".into())),
@@ -344,7 +372,7 @@ pub(super) fn apply(
             let mut diff_left = diff;
             while diff_left > 0 {
                 let n = usize::try_from(diff_left.min(buf.len() as u64)).unwrap_or(buf.len());
-                read_exact(&mut stream, &mut buf[..n])?;
+                read_exact(stream, &mut buf[..n])?;
                 let start = usize::try_from(cursor).unwrap_or(usize::MAX);
                 for (b, o) in buf[..n].iter_mut().zip(&reference[start..start + n]) {
                     *b = b.wrapping_add(*o);
@@ -358,7 +386,7 @@ pub(super) fn apply(
         let mut left = copy;
         while left > 0 {
             let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-            read_exact(&mut stream, &mut buf[..n])?;
+            read_exact(stream, &mut buf[..n])?;
             out.write_all(&buf[..n]).map_err(RegionFailure::Write)?;
             left -= n as u64;
         }
@@ -409,7 +437,7 @@ mod tests {
         new[150_004] = new[150_004].wrapping_add(3);
         new.extend_from_slice(b"some literal tail");
         let recs = records(&old, &new);
-        let sparse = diff_sparse(&old, &new, &recs, 19).unwrap();
+        let (sparse, _) = diff_sparse(&old, &new, &recs, 19).unwrap();
         let classic = diff(&old, &new, 19).unwrap();
         assert!(sparse.len() < 80, "sparse {} bytes (classic {})", sparse.len(), classic.len());
         let mut out = Vec::new();

@@ -18,7 +18,9 @@
 //! Encoding a multi-region patch takes two passes: zstd at `PROBE_LEVEL` everywhere, then
 //! the configured level and bsdiff only where the first pass left at least `REFINE_MIN`
 //! bytes (most regions of an OS image are a few hundred bytes after the first pass, and
-//! indexing a window-sized reference at level 19 takes seconds each).
+//! indexing a window-sized reference at level 19 takes seconds each), and for groups' sparse
+//! streams unless they are headed for the shared stream (see `share`), which compresses them
+//! at the configured level once, against a few KiB of old bytes.
 //!
 //! Memory: the old image's anchor table (about 16 bytes per 256 old bytes), and per worker
 //! thread one region, one reference and the compressor's state; the finished patch is held
@@ -31,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use super::share::{SHARED_MAX, Shareable, literal_spots, share};
 use super::{
     DeltaError, EXTENT_RECORD_LEN, Extent, HEADER_LEN, MAX_EXTENTS, OldImage, PatchHeader, REGION_RECORD_LEN, Region,
     RegionOp, bsdiff, compress_zstd,
@@ -57,6 +60,8 @@ pub struct EncodeOptions {
     pub threads: NonZeroUsize,
     /// Give up once the patch grows past this.
     pub max_patch_size: u64,
+    /// Let sparse regions put their records in one shared stream where that is smaller.
+    pub shared_stream: bool,
 }
 
 impl Default for EncodeOptions {
@@ -68,6 +73,7 @@ impl Default for EncodeOptions {
             bsdiff_max: 24 << 20,
             threads: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
             max_patch_size: 1 << 40,
+            shared_stream: true,
         }
     }
 }
@@ -92,6 +98,8 @@ pub struct EncodeStats {
     pub zstd_regions: u32,
     /// Patched regions that kept bsdiff.
     pub bsdiff_regions: u32,
+    /// Regions whose records are in the shared stream.
+    pub shared_regions: u32,
 }
 
 /// One planned region before encoding.
@@ -126,8 +134,14 @@ impl Planned {
     }
 }
 
-/// A payload and the op that decodes it.
-type Payload = (RegionOp, Vec<u8>);
+/// A payload, the op that decodes it, and for a group's sparse form what the shared stream
+/// would need to carry its records instead.
+#[derive(Debug, Clone)]
+struct Payload {
+    op: RegionOp,
+    bytes: Vec<u8>,
+    shareable: Option<Box<Shareable>>,
+}
 
 /// The smallest encodings found for one planned region.
 #[derive(Debug, Clone, Default)]
@@ -145,7 +159,7 @@ fn record_cost(extents: usize) -> u64 {
 }
 
 fn payload_len(payload: Option<&Payload>) -> u64 {
-    payload.map_or(0, |(_, bytes)| bytes.len() as u64)
+    payload.map_or(0, |p| p.bytes.len() as u64)
 }
 
 /// A group's cost as parts, and whether its sparse form is smaller; `None` until all its
@@ -163,7 +177,7 @@ fn group_choice(parts: &[Planned], reference: &[Extent], encoded: &Encoded) -> (
         })
         .sum();
     match &encoded.whole {
-        Some((_, bytes)) if (bytes.len() as u64) + record_cost(reference.len()) < separate => {
+        Some(Payload { bytes, .. }) if (bytes.len() as u64) + record_cost(reference.len()) < separate => {
             (bytes.len() as u64 + record_cost(reference.len()), true)
         }
         _ => (separate, false),
@@ -175,6 +189,8 @@ fn group_choice(parts: &[Planned], reference: &[Extent], encoded: &Encoded) -> (
 struct Assembly {
     regions: Vec<Region>,
     bodies: Vec<Vec<u8>>,
+    /// Per region: its records, when they may move into the shared stream.
+    shareable: Vec<Option<Box<Shareable>>>,
     new_offset: u64,
     window: u64,
     stats: EncodeStats,
@@ -205,11 +221,16 @@ impl Assembly {
                         extents,
                         payload_offset: 0,
                         payload_len: 0,
+                        shared: None,
                     });
                     self.bodies.push(Vec::new());
+                    self.shareable.push(None);
                 }
             }
-            (Planned::Patch { reference, .. } | Planned::Group { reference, .. }, Some((op, bytes))) => {
+            (
+                Planned::Patch { reference, .. } | Planned::Group { reference, .. },
+                Some(Payload { op, bytes, shareable }),
+            ) => {
                 self.window = self.window.max(new_len).max(reference.iter().map(|e| e.len).sum());
                 self.stats.patched_bytes += new_len;
                 match op {
@@ -223,8 +244,10 @@ impl Assembly {
                     extents: reference,
                     payload_offset: 0,
                     payload_len: bytes.len() as u64,
+                    shared: None,
                 });
                 self.bodies.push(bytes);
+                self.shareable.push(shareable);
             }
             (_, None) => return Err(DeltaError::InvalidOptions { reason: "a region was not encoded" }),
         }
@@ -274,6 +297,7 @@ pub fn encode(
     let mut assembly = Assembly {
         regions: Vec::with_capacity(plan.len()),
         bodies: Vec::with_capacity(plan.len()),
+        shareable: Vec::with_capacity(plan.len()),
         new_offset: 0,
         window: 0,
         stats: EncodeStats {
@@ -285,6 +309,7 @@ pub fn encode(
             patched_bytes: 0,
             zstd_regions: 0,
             bsdiff_regions: 0,
+            shared_regions: 0,
         },
     };
     for (planned, encoded) in plan.into_iter().zip(encoded) {
@@ -302,9 +327,16 @@ pub fn encode(
             other => assembly.push(other, encoded.whole)?,
         }
     }
-    let Assembly { regions, bodies, window, mut stats, .. } = assembly;
-    let mut header = PatchHeader { old_size: old.size(), new_size: new.size(), window, regions };
+    let Assembly { regions, mut bodies, shareable, window, mut stats, .. } = assembly;
+    let mut header = PatchHeader { old_size: old.size(), new_size: new.size(), window, shared: None, regions };
+    let shared_body = share(old, &mut header, &mut bodies, shareable, opts)?;
     let mut payload_offset = header.encoded_len();
+    if let Some(shared) = &mut header.shared {
+        shared.payload_offset = payload_offset;
+        payload_offset += shared.payload_len;
+        stats.shared_regions =
+            u32::try_from(header.regions.iter().filter(|r| r.shared.is_some()).count()).unwrap_or(u32::MAX);
+    }
     for region in &mut header.regions {
         region.payload_offset = payload_offset;
         payload_offset += region.payload_len;
@@ -315,6 +347,7 @@ pub fn encode(
     let head = header.encode();
     debug_assert!(head.len() >= HEADER_LEN);
     out.write_all(&head).map_err(DeltaError::Write)?;
+    out.write_all(&shared_body).map_err(DeltaError::Write)?;
     for bytes in &bodies {
         out.write_all(bytes).map_err(DeltaError::Write)?;
     }
@@ -426,7 +459,7 @@ struct Job {
 
 /// zstd level of the first pass over a multi-region patch: indexing an 8 MiB reference at
 /// level 19 takes seconds, at this level a small fraction of it.
-const PROBE_LEVEL: i32 = 9;
+pub(super) const PROBE_LEVEL: i32 = 9;
 
 /// A region or part whose first-pass payload is at least this long is encoded again at the
 /// configured level (and with bsdiff): below it the second pass could save at most a few
@@ -485,6 +518,9 @@ fn encode_regions(
         return Ok(encoded);
     }
     let big = |payload: &Option<Payload>| payload_len(payload.as_ref()) >= REFINE_MIN;
+    // Two or more sparse streams that may share: the shared stream is likely.
+    let sharing = opts.shared_stream
+        && encoded.iter().filter(|e| e.whole.as_ref().is_some_and(|p| p.shareable.is_some())).count() >= 2;
     let mut refine = Vec::new();
     for (i, planned) in plan.iter().enumerate() {
         let before = refine.len();
@@ -498,9 +534,14 @@ fn encode_regions(
             }
             Planned::Patch { .. } => {}
             Planned::Group { parts, .. } => {
-                // Always: a group's stream is small, and the configured level's parser takes a
-                // tenth off it (a region record or a small edit) for about a second.
-                refine.push(Job { region: i, part: None, op: RegionOp::BsdiffSparse, level: opts.level });
+                // A group's stream is small, and the configured level's parser takes a tenth
+                // off it (a region record or a small edit) for about a second. Not when the
+                // stream will likely move into the shared stream (compressed there, at the
+                // configured level, once): on the app tar that saved 4 such seconds of
+                // 8 MiB-prefix indexing for frames the shared stream then replaced.
+                if !(sharing && encoded[i].whole.as_ref().is_some_and(|p| p.shareable.is_some())) {
+                    refine.push(Job { region: i, part: None, op: RegionOp::BsdiffSparse, level: opts.level });
+                }
                 for (k, part) in parts.iter().enumerate() {
                     if matches!(part, Planned::Patch { .. }) && big(&encoded[i].parts[k]) {
                         refine.push(Job { region: i, part: Some(k), op: RegionOp::Zstd, level: opts.level });
@@ -534,7 +575,7 @@ fn run_jobs(
     let stop = AtomicBool::new(false);
     let first_error: Mutex<Option<DeltaError>> = Mutex::new(None);
     let workers = opts.threads.get().min(jobs.len()).max(1);
-    let (tx, rx) = mpsc::sync_channel::<(Job, Vec<u8>)>(workers);
+    let (tx, rx) = mpsc::sync_channel::<(Job, Payload)>(workers);
     let mut too_large = false;
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -548,8 +589,8 @@ fn run_jobs(
                         (_, planned) => planned,
                     };
                     match encode_job(old, new, planned, job.op, job.level) {
-                        Ok(bytes) => {
-                            if tx.send((job, bytes)).is_err() {
+                        Ok(payload) => {
+                            if tx.send((job, payload)).is_err() {
                                 break;
                             }
                         }
@@ -566,15 +607,15 @@ fn run_jobs(
         }
         drop(tx);
         let mut size: u64 = plan.iter().zip(encoded.iter()).map(|(p, e)| estimate(p, e)).sum();
-        for (job, bytes) in rx {
+        for (job, payload) in rx {
             let (planned, entry) = (&plan[job.region], &mut encoded[job.region]);
             let before = estimate(planned, entry);
             let slot = match job.part {
                 Some(k) => &mut entry.parts[k],
                 None => &mut entry.whole,
             };
-            if slot.as_ref().is_none_or(|(_, kept)| bytes.len() < kept.len()) {
-                *slot = Some((job.op, bytes));
+            if slot.as_ref().is_none_or(|kept| payload.bytes.len() < kept.bytes.len()) {
+                *slot = Some(payload);
             }
             size = size - before + estimate(planned, entry);
             if size > opts.max_patch_size {
@@ -619,16 +660,16 @@ fn encode_job(
     planned: &Planned,
     op: RegionOp,
     level: i32,
-) -> Result<Vec<u8>, DeltaError> {
-    match planned {
-        Planned::Copy(_) => Ok(Vec::new()),
+) -> Result<Payload, DeltaError> {
+    let bytes = match planned {
+        Planned::Copy(_) => Vec::new(),
         Planned::Patch { new_offset, new_len, reference, .. } => {
             let mut ref_bytes = Vec::new();
             super::load_reference(old, reference, &mut ref_bytes)?;
             let new_bytes = read_new(new, *new_offset, *new_len)?;
             match op {
-                RegionOp::Bsdiff => bsdiff::diff(&ref_bytes, &new_bytes, level).map_err(DeltaError::Compress),
-                _ => compress_zstd(level, &ref_bytes, &new_bytes).map_err(DeltaError::Compress),
+                RegionOp::Bsdiff => bsdiff::diff(&ref_bytes, &new_bytes, level).map_err(DeltaError::Compress)?,
+                _ => compress_zstd(level, &ref_bytes, &new_bytes).map_err(DeltaError::Compress)?,
             }
         }
         Planned::Group { new_offset, new_len, reference, parts } => {
@@ -636,9 +677,14 @@ fn encode_job(
             super::load_reference(old, reference, &mut ref_bytes)?;
             let new_bytes = read_new(new, *new_offset, *new_len)?;
             let records = group_records(old, reference, parts, &new_bytes)?;
-            bsdiff::diff_sparse(&ref_bytes, &new_bytes, &records, level).map_err(DeltaError::Compress)
+            let (bytes, stream) =
+                bsdiff::diff_sparse(&ref_bytes, &new_bytes, &records, level).map_err(DeltaError::Compress)?;
+            let shareable = (stream.len() <= SHARED_MAX)
+                .then(|| Box::new(Shareable { stream, literals: literal_spots(reference, &records) }));
+            return Ok(Payload { op, bytes, shareable });
         }
-    }
+    };
+    Ok(Payload { op, bytes, shareable: None })
 }
 
 /// Inside a group, approximate matches shorter than this become literal bytes (see
@@ -994,7 +1040,7 @@ fn choose_reference(
 
 /// Sorts extents by offset and merges overlapping or touching ones, keeping the total within
 /// `window` (overlaps only shrink it).
-fn merge(mut extents: Vec<Extent>, window: u64) -> Vec<Extent> {
+pub(super) fn merge(mut extents: Vec<Extent>, window: u64) -> Vec<Extent> {
     extents.sort_unstable_by_key(|e| e.offset);
     let mut merged: Vec<Extent> = Vec::with_capacity(extents.len());
     for e in extents {

@@ -152,6 +152,120 @@ fn many_small_edits_far_apart_become_few_sparse_regions() {
     assert!(patch.len() < plain.len(), "grouped {} bytes, separate {}", patch.len(), plain.len());
 }
 
+/// Three 1 MiB "bundles" that get the same new function at the same place, plus a one-byte
+/// edit near each start (a version string): what a compiler release does to the bundles of an
+/// app tree.
+fn repeated_edit_pair() -> (Vec<u8>, Vec<u8>) {
+    let files: Vec<Vec<u8>> = (0..3).map(|i| text(40 + i, 1 << 20)).collect();
+    let block = text(99, 1500);
+    let mut new_files = files.clone();
+    for f in &mut new_files {
+        f[100] = f[100].wrapping_add(1);
+        f.splice(500_000..500_800, block.iter().copied());
+    }
+    (files.concat(), new_files.concat())
+}
+
+fn repeated_edit_opts() -> EncodeOptions {
+    let mut opts = EncodeOptions::default();
+    opts.window = 1 << 20;
+    opts.region_len = 256 << 10;
+    opts.level = 9;
+    opts
+}
+
+#[test]
+fn an_edit_repeated_in_far_apart_regions_is_paid_once_in_the_shared_stream() {
+    let (old, new) = repeated_edit_pair();
+    let opts = repeated_edit_opts();
+    let (patch, stats) = round_trip(&old, &new, ChunkParams::BUNDLE, &opts);
+    let header = PatchHeader::read(&mut patch.as_slice(), &DeltaLimits::default()).unwrap();
+    let shared = header.shared.as_ref().expect("a shared stream");
+    let in_shared = header.regions.iter().filter(|r| r.shared.is_some()).count();
+    assert!(in_shared >= 3 && stats.shared_regions as usize == in_shared, "{stats:?}");
+    assert!(header.regions.iter().filter(|r| r.shared.is_some()).all(|r| r.payload_len == 0));
+    assert_eq!(shared.payload_offset, header.encoded_len());
+    assert_eq!(header.payload_end(), patch.len() as u64);
+    let mut separate_opts = opts.clone();
+    separate_opts.shared_stream = false;
+    let (separate, _) = round_trip(&old, &new, ChunkParams::BUNDLE, &separate_opts);
+    let separate_header = PatchHeader::read(&mut separate.as_slice(), &DeltaLimits::default()).unwrap();
+    assert!(separate_header.shared.is_none());
+    // The block's literals (about 700 bytes compressed) are paid once instead of three times.
+    assert!(patch.len() + 800 < separate.len(), "shared {} bytes, separate {}", patch.len(), separate.len());
+}
+
+#[test]
+fn regions_in_the_shared_stream_apply_alone_once_it_is_loaded() {
+    let (old, new) = repeated_edit_pair();
+    let (patch, _) = round_trip(&old, &new, ChunkParams::BUNDLE, &repeated_edit_opts());
+    let header = PatchHeader::read(&mut patch.as_slice(), &DeltaLimits::default()).unwrap();
+    let shared = header.shared.clone().expect("a shared stream");
+    let frame = &patch[shared.payload_offset as usize..(shared.payload_offset + shared.payload_len) as usize];
+    let chosen: Vec<u32> =
+        (0..header.regions.len() as u32).filter(|n| header.regions[*n as usize].shared.is_some()).collect();
+    let mut applier = RegionApplier::new(&header, &old, &DeltaLimits::default()).unwrap();
+    // Before the shared stream is loaded, a region in it cannot be applied.
+    let err = applier.apply(chosen[0], &mut &[][..], &mut Vec::new()).unwrap_err();
+    assert!(matches!(err, DeltaError::Malformed { .. }), "{err}");
+    // A cut shared stream is refused, and so is one with a byte more.
+    for cut in [0, 1, frame.len() / 2, frame.len() - 1] {
+        let err = applier.load_shared(&mut &frame[..cut]).unwrap_err();
+        assert!(matches!(err, DeltaError::Truncated { .. } | DeltaError::CorruptShared { .. }), "cut at {cut}: {err}");
+    }
+    let mut longer = frame.to_vec();
+    longer.push(0);
+    let mut header_longer = header.clone();
+    header_longer.shared.as_mut().unwrap().payload_len += 1;
+    let mut other = RegionApplier::new(&header_longer, &old, &DeltaLimits::default()).unwrap();
+    let err = other.load_shared(&mut longer.as_slice()).unwrap_err();
+    assert!(matches!(err, DeltaError::CorruptShared { .. }), "{err}");
+    // Loaded from its payload bytes alone, then each region from nothing else: last first,
+    // each yields exactly its range of the new image.
+    applier.load_shared(&mut &frame[..]).unwrap();
+    for &n in chosen.iter().rev() {
+        let r = &header.regions[n as usize];
+        let mut out = Vec::new();
+        assert_eq!(applier.apply(n, &mut &[][..], &mut out).unwrap(), r.new_len);
+        assert!(out == new[r.new_offset as usize..(r.new_offset + r.new_len) as usize], "region {n} differs");
+    }
+    // Flips in the shared stream: caught when it is loaded or when a region is applied, or
+    // the output differs (which the caller's chunk ids catch); never a panic.
+    let mut caught = 0;
+    for at in 0..frame.len() {
+        let mut bad = frame.to_vec();
+        bad[at] ^= 0x5a;
+        let mut applier = RegionApplier::new(&header, &old, &DeltaLimits::default()).unwrap();
+        let result = applier.load_shared(&mut bad.as_slice()).and_then(|()| {
+            chosen.iter().try_for_each(|&n| applier.apply(n, &mut &[][..], &mut std::io::sink()).map(|_| ()))
+        });
+        match result {
+            Err(DeltaError::CorruptShared { .. } | DeltaError::Truncated { .. } | DeltaError::CorruptRegion { .. }) => {
+                caught += 1
+            }
+            Ok(()) => {}
+            Err(e) => panic!("flip at {at}: unexpected {e}"),
+        }
+    }
+    assert!(caught > frame.len() / 2, "{caught} of {} flips caught", frame.len());
+}
+
+#[test]
+fn a_patch_with_a_shared_stream_cut_anywhere_is_refused() {
+    let (old, new) = repeated_edit_pair();
+    let (patch, _) = round_trip(&old, &new, ChunkParams::BUNDLE, &repeated_edit_opts());
+    for cut in 0..patch.len() {
+        let err = delta::apply(&mut &patch[..cut], &old, &mut std::io::sink(), &DeltaLimits::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DeltaError::Truncated { .. } | DeltaError::CorruptShared { .. } | DeltaError::CorruptRegion { .. }
+            ),
+            "cut at {cut}: {err}"
+        );
+    }
+}
+
 #[test]
 fn a_region_finds_content_that_moved_far_away() {
     // A changed file whose old copy sits far from its new place: the anchors must find it.
@@ -295,6 +409,10 @@ fn a_subset_of_regions_applied_from_their_payloads_alone_yields_exactly_their_ra
     chosen.push(first_copy);
     chosen.sort_unstable();
     let mut applier = RegionApplier::new(&header, &old, &DeltaLimits::default()).unwrap();
+    if let Some(shared) = &header.shared {
+        let at = shared.payload_offset as usize;
+        applier.load_shared(&mut &patch[at..at + shared.payload_len as usize]).unwrap();
+    }
     for &n in chosen.iter().rev() {
         let r = &header.regions[n as usize];
         let mut out = Vec::new();
@@ -367,11 +485,13 @@ fn a_region_applier_holds_hand_built_headers_to_the_bounds() {
         extents,
         payload_offset: 0,
         payload_len: 0,
+        shared: None,
     };
     let header = |window, regions: Vec<Region>| PatchHeader {
         old_size: old.len() as u64,
         new_size: regions.iter().map(|r| r.new_len).sum(),
         window,
+        shared: None,
         regions,
     };
     let apply = |h: &PatchHeader, n| {

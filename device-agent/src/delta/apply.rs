@@ -83,8 +83,9 @@ pub(super) async fn apply(
     })
 }
 
-/// Each group's regions in table order, each read from its own payload in the patch file;
-/// a group must end exactly on the chunk boundary it was planned to.
+/// Each group's regions in table order, each read from its own payload in the patch file (or
+/// its slice of the shared stream, read first); a group must end exactly on the chunk boundary
+/// it was planned to.
 fn apply_groups(
     header: &PatchHeader,
     groups: &[Group],
@@ -95,6 +96,11 @@ fn apply_groups(
     let refused = |e: codec::DeltaError| Finish::Patch(PatchError::Apply(e));
     let mut applier = RegionApplier::new(header, old, &DeltaLimits::default()).map_err(refused)?;
     let mut reader = BufReader::with_capacity(PATCH_READ_BUF, PatchReader { file: patch_file, pos: 0 });
+    // The shared stream first, once, when a chosen region's records are in it.
+    if let Some(shared) = header.shared.as_ref().filter(|_| groups.iter().any(|g| g.shared)) {
+        reader.seek(SeekFrom::Start(shared.payload_offset)).map_err(|e| refused(codec::DeltaError::ReadPatch(e)))?;
+        applier.load_shared(&mut reader).map_err(refused)?;
+    }
     for group in groups {
         cutter.seek(group.entries.start, group.new_offset);
         for number in group.regions.clone() {

@@ -6,7 +6,9 @@
 //! region boundary can only be verified when both regions are applied, so the unit of choice
 //! is a *group*: the shortest run of consecutive regions whose output starts and ends on chunk
 //! boundaries (for the encoder's patches, one region). A group's payloads are contiguous in
-//! the patch, because payloads follow table order.
+//! the patch, because payloads follow table order. A group with a region whose records are in
+//! the patch's shared stream also needs the shared stream's payload, which every such group
+//! shares (so it is paid once, like any shared patch chunk).
 //!
 //! **Costs**, in bytes still to fetch (what the install's byte counters add up): taking a
 //! group from the patch costs the patch chunks overlapping its payload that are not held yet;
@@ -45,6 +47,8 @@ pub(super) struct Group {
     pub(super) new_offset: u64,
     /// Its payload bytes in the patch.
     pub(super) payload: Range<u64>,
+    /// Some of its regions take their records from the shared stream.
+    pub(super) shared: bool,
 }
 
 /// The plan: the groups to take from the patch, the patch chunks they need, and the figures
@@ -85,9 +89,11 @@ pub(super) fn groups(header: &PatchHeader, index: &ChunkIndex) -> Vec<Group> {
     let mut out = Vec::new();
     let (mut entry, mut at) = (0usize, 0u64);
     let mut start: Option<(u32, usize, u64, u64)> = None;
+    let mut shared = false;
     for (number, region) in (0u32..).zip(&header.regions) {
         let (first, first_entry, new_offset, payload_start) =
             *start.get_or_insert((number, entry, region.new_offset, region.payload_offset));
+        shared |= region.shared.is_some();
         let end = region.new_offset.saturating_add(region.new_len);
         while entry < lens.len() && at + lens[entry] <= end {
             at += lens[entry];
@@ -100,8 +106,10 @@ pub(super) fn groups(header: &PatchHeader, index: &ChunkIndex) -> Vec<Group> {
                 entries: first_entry..entry,
                 new_offset,
                 payload: payload_start..payload_end,
+                shared,
             });
             start = None;
+            shared = false;
         }
     }
     out
@@ -228,6 +236,13 @@ fn overlapping(spans: &[(u64, u64)], payload: Range<u64>) -> impl Iterator<Item 
     (first..spans.len()).take_while(move |&i| payload.start < payload.end && spans[i].0 < payload.end)
 }
 
+/// Patch entries a group needs: those under its payloads and, when it has regions in the
+/// shared stream, under the shared stream's payload (`shared`).
+fn needed<'a>(spans: &'a [(u64, u64)], group: &Group, shared: Range<u64>) -> impl Iterator<Item = usize> + 'a {
+    let shared = if group.shared { shared } else { 0..0 };
+    overlapping(spans, shared).chain(overlapping(spans, group.payload.clone()))
+}
+
 /// Plans the install of `index` from `header`'s regions given the target slot's done bits
 /// (`done`, over `index`) and the patch chunks already held (`held`, over `patch_index`).
 pub(super) fn plan(
@@ -238,6 +253,9 @@ pub(super) fn plan(
     held: &[u8],
 ) -> RegionPlan {
     let groups = groups(header, index);
+    // The shared stream's payload, needed by every group that has a region in it.
+    let shared =
+        header.shared.as_ref().map_or(0..0, |s| s.payload_offset..s.payload_offset.saturating_add(s.payload_len));
     let patch_spans: Vec<(u64, u64)> =
         patch_index.iter_with_offsets().map(|(o, e)| (o, o + u64::from(e.len))).collect();
     let mut patch_keys = Keys::default();
@@ -251,7 +269,7 @@ pub(super) fn plan(
     let entries = index.entries();
     let mut costs = Costs { patch: Vec::new(), content: Vec::new(), patch_len: Vec::new(), content_len: Vec::new() };
     for g in &groups {
-        let mut patch: Vec<usize> = overlapping(&patch_spans, g.payload.clone()).filter_map(|i| patch_key[i]).collect();
+        let mut patch: Vec<usize> = needed(&patch_spans, g, shared.clone()).filter_map(|i| patch_key[i]).collect();
         patch.sort_unstable();
         patch.dedup();
         let mut content: Vec<usize> = g
@@ -290,7 +308,7 @@ pub(super) fn plan(
     for (g, group) in groups.into_iter().enumerate() {
         let regions = group.regions.len();
         if best.chosen[g] {
-            for i in overlapping(&patch_spans, group.payload.clone()) {
+            for i in needed(&patch_spans, &group, shared.clone()) {
                 patch_entries[i] = true;
             }
             from_patch += regions;
@@ -342,13 +360,14 @@ mod tests {
                     extents: vec![Extent { offset: 0, len: 1 }],
                     payload_offset,
                     payload_len,
+                    shared: None,
                 };
                 new_offset += new_len;
                 payload_offset += payload_len;
                 r
             })
             .collect();
-        PatchHeader { old_size: 1, new_size: new_offset, window: 1 << 20, regions }
+        PatchHeader { old_size: 1, new_size: new_offset, window: 1 << 20, shared: None, regions }
     }
 
     fn bits(n: usize, set: &[usize]) -> Vec<u8> {
@@ -404,6 +423,45 @@ mod tests {
         assert_eq!(p.groups.len(), 1);
         assert_eq!(p.groups[0].regions, 0..1);
         assert_eq!((p.patch_bytes, p.chunk_bytes), (100, 1000), "chunk 8 alone is fetched: {p:?}");
+    }
+
+    #[test]
+    fn the_shared_stream_is_paid_once_by_the_groups_that_need_it() {
+        // Four groups of one 1000-byte chunk. Groups 1 and 3 take their records from the shared
+        // stream (patch bytes 100..400, its own patch chunk) and have no payload of their own;
+        // groups 0 and 2 have payloads of 500 each.
+        let index = index_of(&[(1, 1000), (2, 1000), (3, 1000), (4, 1000)]);
+        let mut header = header_of(&[(1000, 500), (1000, 0), (1000, 500), (1000, 0)]);
+        header.shared = Some(flotilla_core::delta::SharedStream {
+            extents: Vec::new(),
+            len: 2000,
+            payload_offset: 100,
+            payload_len: 300,
+        });
+        for (r, offset) in header.regions.iter_mut().zip([400u64, 900, 900, 1400]) {
+            r.payload_offset = offset;
+        }
+        for n in [1, 3] {
+            header.regions[n].op = RegionOp::BsdiffSparse;
+            header.regions[n].shared = Some(flotilla_core::delta::SharedSlice { offset: 0, len: 1000 });
+        }
+        let g = groups(&header, &index);
+        assert_eq!(g.iter().map(|g| g.shared).collect::<Vec<_>>(), vec![false, true, false, true]);
+        // Patch chunks: header, shared stream, group 0's payload, group 2's payload.
+        let patch = index_of(&[(10, 100), (11, 300), (12, 500), (13, 500)]);
+        // Only chunks 2 and 4 missing: the shared stream (300) beats two chunks (2000).
+        let p = plan(&header, &index, &bits(4, &[0, 2]), &patch, &bits(4, &[0]));
+        assert_eq!(p.groups.iter().map(|g| g.regions.start).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!((p.patch_bytes, p.chunk_bytes), (300, 0), "{p:?}");
+        assert_eq!(p.patch_entries, vec![false, true, false, false]);
+        // Only chunk 2 missing: 300 bytes of shared stream still beat its 1000-byte chunk.
+        let p = plan(&header, &index, &bits(4, &[0, 2, 3]), &patch, &bits(4, &[0]));
+        assert_eq!((p.patch_bytes, p.chunk_bytes), (300, 0), "{p:?}");
+        // A shared stream dearer than the chunk: the chunk.
+        header.shared.as_mut().unwrap().payload_len = 300;
+        let dear = index_of(&[(10, 100), (11, 1300), (12, 500), (13, 500)]);
+        let p = plan(&header, &index, &bits(4, &[0, 2, 3]), &dear, &bits(4, &[0]));
+        assert_eq!((p.patch_bytes, p.chunk_bytes), (0, 1000), "{p:?}");
     }
 
     #[test]
