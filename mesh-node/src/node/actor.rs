@@ -610,7 +610,8 @@ impl MeshActor {
             let _ = q.reply.send(None);
             return;
         }
-        // A run being gathered for a peer takes more chunks at no extra load.
+        // A run being gathered for a peer may take more chunks even when the peer is at its
+        // limit of requests in flight (the run counts as one of them from when it opened).
         let len = q.want.len;
         let open = &self.open;
         let joins = |p: &PeerId| {
@@ -624,9 +625,10 @@ impl MeshActor {
             .iter()
             .filter(|(p, s)| joins(p) || s.in_flight < MAX_IN_FLIGHT_PER_PEER)
             .max_by(|a, b| {
+                // Load counts runs being gathered too, so chunks asked for together still
+                // spread over the peers that hold them.
                 let score = |(p, s): &(&PeerId, &PeerState)| {
-                    let load = s.in_flight.saturating_sub(usize::from(joins(p)));
-                    s.score(load) * if holds(p) == Some(true) { 2.0 } else { 1.0 }
+                    s.score(s.in_flight) * if holds(p) == Some(true) { 2.0 } else { 1.0 }
                 };
                 score(a).total_cmp(&score(b))
             })
