@@ -775,9 +775,8 @@ mod tests {
         assert_eq!((stats.served_chunks, stats.busy), (1, 1));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn chunks_asked_together_share_requests_and_wait_for_an_upload_slot() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    /// 600 000 pseudo-random bytes from `seed` and their index in bundle-sized chunks.
+    fn chunked_noise(mut x: u64) -> (Vec<u8>, flotilla_core::index::ChunkIndex) {
         let data: Vec<u8> = (0..600_000)
             .map(|_| {
                 x ^= x << 13;
@@ -790,12 +789,24 @@ mod tests {
             .chunk_reader(&data[..])
             .unwrap()
             .index;
+        (data, index)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_asked_together_share_requests_and_wait_for_an_upload_slot() {
+        let (data, index) = chunked_noise(0x9e37_79b9_7f4a_7c15);
         let mut chunks = HashMap::new();
         for (offset, e) in index.iter_with_offsets() {
             chunks.insert(e.id, object::encode(&data[offset as usize..][..e.len as usize], 1));
         }
-        let wants: Vec<(ChunkId, u32)> =
-            chunks.keys().map(|id| (*id, index.entries().iter().find(|e| e.id == *id).unwrap().len)).collect();
+        let wants: Vec<(ChunkId, u32)> = index
+            .entries()
+            .iter()
+            .filter(|e| chunks.contains_key(&e.id))
+            .map(|e| (e.id, e.len))
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
+            .collect();
         let n = wants.len() as u64;
         assert!(n >= 16, "{n} chunks");
         // One upload slot: the asker's requests in flight (up to 3) wait for it.
@@ -885,19 +896,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_holding_half_a_release_is_asked_only_for_its_half() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let data: Vec<u8> = (0..600_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 29) as u8
-            })
-            .collect();
-        let index = flotilla_core::chunking::Chunker::new(flotilla_core::chunking::ChunkParams::BUNDLE)
-            .chunk_reader(&data[..])
-            .unwrap()
-            .index;
+        let (data, index) = chunked_noise(0x2545_f491_4f6c_dd1d);
         let mut all = HashMap::new();
         let mut half = HashMap::new();
         for (i, (offset, e)) in index.iter_with_offsets().enumerate() {
