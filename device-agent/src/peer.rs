@@ -40,6 +40,8 @@ const CONNECT_WAIT: Duration = Duration::from_secs(3);
 /// other, and one that decided alone would fetch chunks that a peer starting a little later
 /// also wins. Bounded by the deadline.
 const ORIGIN_DELAY: Duration = Duration::from_secs(2);
+/// How long the list of a site's agents is reused before the mesh is asked again.
+const AGENTS_FRESH: Duration = Duration::from_secs(1);
 /// With mDNS, discovery is taken as complete when no new peer appeared for this long.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -296,6 +298,7 @@ impl MeshSlot {
             deadline: self.settings.deadline,
             started: Instant::now(),
             sources: Arc::default(),
+            agents: Arc::default(),
         }))
     }
 
@@ -374,6 +377,7 @@ impl MeshSlot {
                 deadline: self.settings.deadline,
                 started: Instant::now(),
                 sources: Arc::default(),
+                agents: Arc::default(),
             }),
             None => crate::install::ChunkSource::Coordinator(cdn),
         }
@@ -401,6 +405,9 @@ pub struct PeerFirst {
     started: Instant,
     /// Where each chunk fetched came from, until the install reads it.
     sources: Arc<Mutex<HashMap<ChunkId, &'static str>>>,
+    /// The site's agents as last asked of the mesh, and when: every chunk waiting for a
+    /// peer asks whether it is this agent's to fetch, several times a second.
+    agents: Arc<Mutex<Option<(Instant, Arc<Vec<flotilla_mesh::PeerId>>)>>>,
 }
 
 impl PeerFirst {
@@ -469,8 +476,17 @@ impl PeerFirst {
 
     /// Whether this agent is the one of its site to fetch `id` from the origin.
     async fn is_origin_fetcher(&self, id: &ChunkId) -> bool {
-        let Some(agents) = self.site_agents().await else { return true };
-        flotilla_mesh::fetcher_for(id, &agents) == Some(self.mesh.peer_id())
+        let cached = self.agents.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let agents = match cached {
+            Some((at, agents)) if at.elapsed() < AGENTS_FRESH => agents,
+            _ => {
+                let Some(agents) = self.site_agents().await else { return true };
+                let agents = Arc::new(agents);
+                *self.agents.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), agents.clone()));
+                agents
+            }
+        };
+        flotilla_mesh::fetcher_for(id, agents.iter()) == Some(self.mesh.peer_id())
     }
 
     /// The agents the site's origin rendezvous runs over: the connected agents and this one
@@ -528,6 +544,7 @@ impl PeerFirst {
             tracing::info!(
                 fetched_chunks = s.fetched_chunks,
                 requests = s.requests,
+                have_requests = s.have_requests,
                 served_chunks = s.served_chunks,
                 served_requests = s.served_requests,
                 busy = s.busy,

@@ -53,6 +53,9 @@ pub const ENDGAME_CHUNKS: usize = 8;
 const ENDGAME_DELAY: Duration = Duration::from_millis(300);
 /// How often bans are lifted, bootstrap peers redialled and have-maps refreshed.
 const TICK: Duration = Duration::from_secs(1);
+/// A peer that tracks the same release and has a higher id waits this long for an exchange
+/// of have-maps before it asks itself (see `MeshActor::refresh_haves`).
+const EXCHANGE_LAPSE: Duration = Duration::from_secs(3);
 /// Throughput assumed for a peer not measured yet (bytes/s): optimistic, so new peers get tried.
 const UNMEASURED_BPS: f64 = 64e6;
 /// identify's protocol string: peers of another fleet protocol are not our peers.
@@ -243,6 +246,7 @@ struct Counters {
     served_bytes: AtomicU64,
     served_requests: AtomicU64,
     requests: AtomicU64,
+    have_requests: AtomicU64,
     busy: AtomicU64,
     fetched_chunks: AtomicU64,
     fetched_bytes: AtomicU64,
@@ -262,6 +266,8 @@ pub struct MeshStats {
     pub served_requests: u64,
     /// Chunk requests sent to peers.
     pub requests: u64,
+    /// Have-map requests sent to peers (plain or exchanges).
+    pub have_requests: u64,
     /// Requests answered `Busy`.
     pub busy: u64,
     /// Verified chunks fetched from peers.
@@ -668,6 +674,7 @@ impl Mesh {
             served_chunks: g(&c.served_chunks),
             served_bytes: g(&c.served_bytes),
             served_requests: g(&c.served_requests),
+            have_requests: g(&c.have_requests),
             requests: g(&c.requests),
             busy: g(&c.busy),
             fetched_chunks: g(&c.fetched_chunks),
@@ -929,6 +936,86 @@ mod tests {
         assert_eq!(halfp.misses.load(Ordering::Relaxed), 0, "the half peer was asked for a chunk it lacks");
         assert!(b.stats().await.unwrap().served_chunks > 0, "the half peer was not used at all");
         assert_eq!(full.misses.load(Ordering::Relaxed), 0);
+    }
+
+    /// Chunks of one release, held as a test adds them.
+    struct Growing {
+        data: Vec<u8>,
+        index: flotilla_core::index::ChunkIndex,
+        held: Mutex<std::collections::HashSet<ChunkId>>,
+    }
+
+    impl Growing {
+        fn hold(&self, id: ChunkId) {
+            self.held.lock().unwrap().insert(id);
+        }
+    }
+
+    impl ChunkProvider for Growing {
+        fn object(&self, id: &ChunkId, _: u32) -> Option<Vec<u8>> {
+            if !self.held.lock().unwrap().contains(id) {
+                return None;
+            }
+            let (offset, e) = self.index.iter_with_offsets().find(|(_, e)| e.id == *id)?;
+            Some(object::encode(&self.data[offset as usize..][..e.len as usize], 1))
+        }
+
+        fn have_map(&self, id: &IndexId) -> Option<Vec<u8>> {
+            let held = self.held.lock().unwrap();
+            (*id == self.index.id()).then(|| crate::store::have_map_of(&self.index, |c| held.contains(c)))
+        }
+    }
+
+    /// Waits until `mesh` can fetch `e` from a peer (its have-maps say who holds it).
+    async fn fetch_when_known(mesh: &Mesh, e: &flotilla_core::index::IndexEntry) -> Fetched {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match mesh.fetch(e.id, e.len).await {
+                Ok(f) => return f,
+                Err(MeshError::NotFound { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(err) => panic!("chunk {} never became known: {err}", e.id),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_peers_fetching_one_release_exchange_have_maps_in_one_request() {
+        let (data, index) = chunked_noise(0x9e37_79b9_7f4a_7c15);
+        let grow = || Arc::new(Growing { data: data.clone(), index: index.clone(), held: Mutex::default() });
+        let (px, py) = (grow(), grow());
+        let x = Mesh::start(loopback(Role::Agent), px.clone()).await.unwrap();
+        let mut config = loopback(Role::Agent);
+        config.bootstrap = vec![x.listen_addrs().await.unwrap()[0].clone()];
+        let y = Mesh::start(config, py.clone()).await.unwrap();
+        y.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+        // The lower id leads the exchange; the other only answers.
+        let ((leader, lp), (follower, fp)) =
+            if x.peer_id() < y.peer_id() { ((&x, &px), (&y, &py)) } else { ((&y, &py), (&x, &px)) };
+        leader.track(Some(&index)).await.unwrap();
+        follower.track(Some(&index)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for mesh in [leader, follower] {
+            while !mesh.peers().await.unwrap().iter().any(|p| p.have_map) {
+                assert!(Instant::now() < deadline, "no have-map arrived");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // Chunks each comes to hold once both know the other's (empty) map: each learns of
+        // the other's through the leader's later exchanges.
+        let entries = index.entries();
+        lp.hold(entries[0].id);
+        fp.hold(entries[1].id);
+        let got = fetch_when_known(follower, &entries[0]).await;
+        assert_eq!((ChunkId::of(&got.data), got.peer), (entries[0].id, leader.peer_id()));
+        let got = fetch_when_known(leader, &entries[1]).await;
+        assert_eq!((ChunkId::of(&got.data), got.peer), (entries[1].id, follower.peer_id()));
+        let (l, f) = (leader.stats().await.unwrap().have_requests, follower.stats().await.unwrap().have_requests);
+        assert!(l >= 2, "the leader asked {l} times");
+        // The follower asked once, when it began tracking (it knew nothing of the leader yet),
+        // and never again: the leader's exchanges kept it up to date.
+        assert_eq!(f, 1, "the follower asked for have-maps itself");
     }
 
     fn memory(data: &[u8]) -> Arc<Memory> {

@@ -15,9 +15,12 @@
 //! besides its chunks: its chunk index (by [`IndexId`], verified by the asker against the id
 //! and then against the signed manifest) and have-maps (one bit per index entry, set when the
 //! peer holds that entry's chunk). A request is a tag byte, the 32-byte index id and the
-//! largest answer the asker accepts (big-endian u32); the answer is a tag byte, then for
+//! largest answer the asker accepts (big-endian u32); an exchange of have-maps
+//! ([`ReleaseAsk::Exchange`]) then carries the asker's own map: a big-endian u32 length, at
+//! most that bound, and the bytes. The answer is a tag byte, then for
 //! [`ReleaseResponse::Found`] a big-endian u32 length and the bytes, at most the asker's
-//! bound and [`MAX_RELEASE_DATA`].
+//! bound and [`MAX_RELEASE_DATA`]. A node that predates exchanges refuses the request (its
+//! codec knows tags 0 and 1 only), and the asker falls back to plain have-map requests.
 
 use std::io;
 
@@ -218,16 +221,19 @@ pub const RELEASE_PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/rele
 pub const MAX_RELEASE_DATA: u32 = 16 << 20;
 
 /// What a [`ReleaseRequest`] asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReleaseAsk {
     /// The encoded chunk index.
     Index,
     /// The have-map over the index's entries.
     HaveMap,
+    /// The have-map, in exchange for the asker's own (at most the request's bound): one
+    /// round trip tells both peers what the other holds.
+    Exchange(Vec<u8>),
 }
 
 /// A request about one release, named by its index id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseRequest {
     /// What is asked for.
     pub ask: ReleaseAsk,
@@ -261,17 +267,29 @@ impl libp2p::request_response::Codec for ReleaseCodec {
     {
         let mut buf = [0u8; 37];
         io.read_exact(&mut buf).await?;
-        let ask = match buf[0] {
-            0 => ReleaseAsk::Index,
-            1 => ReleaseAsk::HaveMap,
-            other => return Err(invalid(format!("unknown release request {other}"))),
-        };
         let mut id = [0u8; 32];
         id.copy_from_slice(&buf[1..33]);
         let max_len = u32::from_be_bytes([buf[33], buf[34], buf[35], buf[36]]);
         if max_len == 0 || max_len > MAX_RELEASE_DATA {
             return Err(invalid(format!("release request bound of {max_len} bytes (limit {MAX_RELEASE_DATA})")));
         }
+        let ask = match buf[0] {
+            0 => ReleaseAsk::Index,
+            1 => ReleaseAsk::HaveMap,
+            2 => {
+                let mut len = [0u8; 4];
+                io.read_exact(&mut len).await?;
+                let len = u32::from_be_bytes(len);
+                // Both maps cover the same index: the asker's is no longer than it accepts.
+                if len == 0 || len > max_len {
+                    return Err(invalid(format!("exchanged have-map of {len} bytes (bound {max_len})")));
+                }
+                let mut map = vec![0u8; len as usize];
+                io.read_exact(&mut map).await?;
+                ReleaseAsk::Exchange(map)
+            }
+            other => return Err(invalid(format!("unknown release request {other}"))),
+        };
         Ok(ReleaseRequest { ask, index: IndexId::from_bytes(id), max_len })
     }
 
@@ -302,13 +320,22 @@ impl libp2p::request_response::Codec for ReleaseCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let mut buf = [0u8; 37];
-        buf[0] = match req.ask {
+        let mut buf = Vec::with_capacity(41);
+        buf.push(match req.ask {
             ReleaseAsk::Index => 0,
             ReleaseAsk::HaveMap => 1,
-        };
-        buf[1..33].copy_from_slice(req.index.as_bytes());
-        buf[33..].copy_from_slice(&req.max_len.to_be_bytes());
+            ReleaseAsk::Exchange(_) => 2,
+        });
+        buf.extend_from_slice(req.index.as_bytes());
+        buf.extend_from_slice(&req.max_len.to_be_bytes());
+        if let ReleaseAsk::Exchange(map) = &req.ask {
+            let len = u32::try_from(map.len())
+                .ok()
+                .filter(|l| *l > 0 && *l <= req.max_len)
+                .ok_or_else(|| invalid(format!("exchanged have-map of {} bytes (bound {})", map.len(), req.max_len)))?;
+            buf.extend_from_slice(&len.to_be_bytes());
+            buf.extend_from_slice(map);
+        }
         io.write_all(&buf).await?;
         io.close().await
     }
@@ -468,7 +495,7 @@ mod tests {
     fn release_messages_roundtrip_and_are_bounded() {
         let req = ReleaseRequest { ask: ReleaseAsk::HaveMap, index: IndexId::of(b"i"), max_len: 512 };
         let mut wire = futures::io::Cursor::new(Vec::new());
-        block_on(ReleaseCodec.write_request(&RELEASE_PROTOCOL, &mut wire, req)).unwrap();
+        block_on(ReleaseCodec.write_request(&RELEASE_PROTOCOL, &mut wire, req.clone())).unwrap();
         let mut bytes = wire.into_inner();
         let mut rd = futures::io::Cursor::new(bytes.clone());
         assert_eq!(block_on(ReleaseCodec.read_request(&RELEASE_PROTOCOL, &mut rd)).unwrap(), req);
@@ -486,6 +513,35 @@ mod tests {
         wire.extend_from_slice(&(MAX_RELEASE_DATA + 1).to_be_bytes());
         let mut rd = futures::io::Cursor::new(wire);
         assert!(block_on(ReleaseCodec.read_response(&RELEASE_PROTOCOL, &mut rd)).is_err());
+    }
+
+    #[test]
+    fn exchanges_carry_the_askers_map_within_its_bound() {
+        let read =
+            |wire: Vec<u8>| block_on(ReleaseCodec.read_request(&RELEASE_PROTOCOL, &mut futures::io::Cursor::new(wire)));
+        let req = ReleaseRequest { ask: ReleaseAsk::Exchange(vec![0xff, 0x01]), index: IndexId::of(b"i"), max_len: 2 };
+        let mut wire = futures::io::Cursor::new(Vec::new());
+        block_on(ReleaseCodec.write_request(&RELEASE_PROTOCOL, &mut wire, req.clone())).unwrap();
+        let bytes = wire.into_inner();
+        assert_eq!(bytes.len(), 37 + 4 + 2);
+        assert_eq!(read(bytes.clone()).unwrap(), req);
+        // Cut anywhere: an error, never a shorter map.
+        for cut in 0..bytes.len() {
+            assert!(read(bytes[..cut].to_vec()).is_err(), "cut at {cut}");
+        }
+        // A map longer than the bound (or empty) is refused by the reader and the writer.
+        let mut over = bytes[..37].to_vec();
+        over.extend_from_slice(&3u32.to_be_bytes());
+        over.extend_from_slice(&[1, 2, 3]);
+        assert!(read(over).unwrap_err().to_string().contains("bound 2"));
+        let mut empty = bytes[..37].to_vec();
+        empty.extend_from_slice(&0u32.to_be_bytes());
+        assert!(read(empty).is_err());
+        for map in [vec![1, 2, 3], Vec::new()] {
+            let req = ReleaseRequest { ask: ReleaseAsk::Exchange(map), index: IndexId::of(b"i"), max_len: 2 };
+            let mut wire = futures::io::Cursor::new(Vec::new());
+            assert!(block_on(ReleaseCodec.write_request(&RELEASE_PROTOCOL, &mut wire, req)).is_err());
+        }
     }
 
     #[test]

@@ -21,9 +21,9 @@ use libp2p::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Answer, Command, Counters, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_ANNOUNCEMENT_LEN, MAX_IN_FLIGHT_BYTES,
-    MAX_IN_FLIGHT_PER_PEER, MAX_PROVIDERS_DIALLED, MeshConfig, MeshError, PROVIDER_LOOKUP_EVERY, PeerInfo, RUN_BYTES,
-    Role, TICK, UNMEASURED_BPS,
+    Answer, Command, Counters, EXCHANGE_LAPSE, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_ANNOUNCEMENT_LEN,
+    MAX_IN_FLIGHT_BYTES, MAX_IN_FLIGHT_PER_PEER, MAX_PROVIDERS_DIALLED, MeshConfig, MeshError, PROVIDER_LOOKUP_EVERY,
+    PeerInfo, RUN_BYTES, Role, TICK, UNMEASURED_BPS,
 };
 use crate::offer::VerifiedOffer;
 use crate::protocol::{
@@ -208,6 +208,8 @@ struct PeerState {
     bps: Option<f64>,
     hits: u64,
     misses: u64,
+    /// An exchange of have-maps with it failed: it predates them, and is asked plainly.
+    no_exchange: bool,
 }
 
 impl PeerState {
@@ -311,7 +313,11 @@ pub(super) type ReleaseReply = oneshot::Sender<(PeerId, Option<ReleaseResponse>)
 /// Who waits for a release answer: a caller, or the actor's own have-map refresh.
 enum ReleaseWait {
     Caller(ReleaseReply),
-    HaveMap(flotilla_core::ids::IndexId),
+    /// A have-map asked for (`exchange`: with this node's own in the request).
+    HaveMap {
+        index: flotilla_core::ids::IndexId,
+        exchange: bool,
+    },
 }
 
 /// The release being fetched: where each chunk sits in its index, and which peer holds what.
@@ -321,7 +327,15 @@ pub(super) struct Tracked {
     pub(super) entries: HashMap<flotilla_core::ids::ChunkId, usize>,
     /// Bytes of a have-map over the index.
     pub(super) map_len: u32,
+    /// Entries in the index (bits of a have-map that mean something).
+    len: usize,
     haves: HashMap<PeerId, Vec<u8>>,
+    /// Peers asked for their have-map and not answered yet: never asked twice at once.
+    asked: HashSet<PeerId>,
+    /// Peers whose last have-map holds every chunk: not asked again.
+    complete: HashSet<PeerId>,
+    /// When each peer's have-map last arrived (in an answer or in its own exchange).
+    updated: HashMap<PeerId, Instant>,
 }
 
 impl Tracked {
@@ -332,7 +346,33 @@ impl Tracked {
             entries.entry(e.id).or_insert(i);
         }
         let map_len = u32::try_from(index.len().div_ceil(8).max(1)).unwrap_or(u32::MAX);
-        Self { index: index.id(), entries, map_len, haves: HashMap::new() }
+        Self {
+            index: index.id(),
+            entries,
+            map_len,
+            len: index.len(),
+            haves: HashMap::new(),
+            asked: HashSet::new(),
+            complete: HashSet::new(),
+            updated: HashMap::new(),
+        }
+    }
+
+    /// Keeps `peer`'s have-map.
+    fn set_haves(&mut self, peer: PeerId, bits: Vec<u8>) {
+        self.updated.insert(peer, Instant::now());
+        if (0..self.len).all(|i| bits.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1)) {
+            self.complete.insert(peer);
+        }
+        self.haves.insert(peer, bits);
+    }
+
+    /// Forgets what is known of `peer` (it left).
+    fn forget(&mut self, peer: &PeerId) {
+        self.haves.remove(peer);
+        self.asked.remove(peer);
+        self.complete.remove(peer);
+        self.updated.remove(peer);
     }
 
     /// Whether `peer` holds `chunk` by its last have-map; `None` when unknown.
@@ -356,6 +396,7 @@ impl MeshActor {
     async fn run(&mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
         loop {
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
@@ -502,16 +543,51 @@ impl MeshActor {
         }
     }
 
-    /// Asks every connected peer for its have-map of the tracked release (one request per
-    /// peer at a time).
+    /// Asks the connected peers for their have-maps of the tracked release: each peer at most
+    /// once at a time, and not a peer whose last map held every chunk. Two peers that both
+    /// track it exchange maps in one round trip that the one with the lower id starts; the
+    /// other asks only when no exchange reached it for [`EXCHANGE_LAPSE`] (the peer predates
+    /// exchanges, tracks another release, or is slow). Half the requests of each asking the
+    /// other, for maps as fresh.
     fn refresh_haves(&mut self) {
         let Some(t) = &self.tracked else { return };
         let (index, max_len) = (t.index, t.map_len);
-        let peers: Vec<PeerId> = self.peers.keys().filter(|p| !self.banned.contains_key(p)).copied().collect();
-        for peer in peers {
-            let req = ReleaseRequest { ask: ReleaseAsk::HaveMap, index, max_len };
-            let id = self.swarm.behaviour_mut().release.send_request(&peer, req);
-            self.release_pending.insert(id, ReleaseWait::HaveMap(index));
+        let me = *self.swarm.local_peer_id();
+        let now = Instant::now();
+        let due: Vec<(PeerId, bool)> = self
+            .peers
+            .iter()
+            .filter(|(p, _)| !self.banned.contains_key(p) && !t.asked.contains(p) && !t.complete.contains(p))
+            .filter_map(|(p, s)| {
+                let exchange = !s.no_exchange;
+                let leads = !exchange || me < *p;
+                let lapsed = t.updated.get(p).is_none_or(|at| now.duration_since(*at) >= EXCHANGE_LAPSE);
+                (leads || lapsed).then_some((*p, exchange))
+            })
+            .collect();
+        let mine = due
+            .iter()
+            .any(|(_, exchange)| *exchange)
+            .then(|| self.provider.have_map(&index))
+            .flatten()
+            .filter(|m| !m.is_empty() && m.len() == max_len as usize);
+        for (peer, exchange) in due {
+            let ask = match &mine {
+                Some(m) if exchange => ReleaseAsk::Exchange(m.clone()),
+                _ => ReleaseAsk::HaveMap,
+            };
+            self.ask_haves(peer, ask, index, max_len);
+        }
+    }
+
+    fn ask_haves(&mut self, peer: PeerId, ask: ReleaseAsk, index: flotilla_core::ids::IndexId, max_len: u32) {
+        let exchange = matches!(ask, ReleaseAsk::Exchange(_));
+        let req = ReleaseRequest { ask, index, max_len };
+        let id = self.swarm.behaviour_mut().release.send_request(&peer, req);
+        self.release_pending.insert(id, ReleaseWait::HaveMap { index, exchange });
+        self.counters.have_requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = self.tracked.as_mut() {
+            t.asked.insert(peer);
         }
     }
 
@@ -804,17 +880,19 @@ impl MeshActor {
                     bps: None,
                     hits: 0,
                     misses: 0,
+                    no_exchange: false,
                 });
                 self.drain_queue();
-                if let Some(t) = &self.tracked {
-                    let req = ReleaseRequest { ask: ReleaseAsk::HaveMap, index: t.index, max_len: t.map_len };
-                    let id = self.swarm.behaviour_mut().release.send_request(&peer_id, req);
-                    self.release_pending.insert(id, ReleaseWait::HaveMap(t.index));
+                if let Some(t) = &self.tracked
+                    && !t.asked.contains(&peer_id)
+                {
+                    let (index, max_len) = (t.index, t.map_len);
+                    self.ask_haves(peer_id, ReleaseAsk::HaveMap, index, max_len);
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 if let Some(t) = self.tracked.as_mut() {
-                    t.haves.remove(&peer_id);
+                    t.forget(&peer_id);
                 }
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.peers.remove(&peer_id);
@@ -890,15 +968,29 @@ impl MeshActor {
                 }
                 // Small answers from files or memory: read beside the swarm, answered at once.
                 let provider = self.provider.clone();
+                let mut learned = false;
                 let found = match request.ask {
                     ReleaseAsk::Index => provider.index(&request.index),
                     ReleaseAsk::HaveMap => provider.have_map(&request.index),
+                    ReleaseAsk::Exchange(theirs) => {
+                        if let Some(t) = self.tracked.as_mut().filter(|t| t.index == request.index)
+                            && theirs.len() == t.map_len as usize
+                        {
+                            t.set_haves(peer, theirs);
+                            learned = true;
+                        }
+                        provider.have_map(&request.index)
+                    }
                 };
                 let response = match found {
                     Some(b) if !b.is_empty() && b.len() <= request.max_len as usize => ReleaseResponse::Found(b),
                     _ => ReleaseResponse::NotFound,
                 };
                 let _ = self.swarm.behaviour_mut().release.send_response(channel, response);
+                if learned {
+                    // Requests waiting for a holder may have one now.
+                    self.drain_queue();
+                }
             }
             Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
                 match self.release_pending.remove(&request_id) {
@@ -906,12 +998,13 @@ impl MeshActor {
                         let answer = (!self.banned.contains_key(&peer)).then_some(response);
                         let _ = reply.send((peer, answer));
                     }
-                    Some(ReleaseWait::HaveMap(index)) => {
-                        if let (Some(t), ReleaseResponse::Found(bits)) = (self.tracked.as_mut(), response)
-                            && t.index == index
+                    Some(ReleaseWait::HaveMap { index, .. }) => {
+                        let Some(t) = self.tracked.as_mut().filter(|t| t.index == index) else { return };
+                        t.asked.remove(&peer);
+                        if let ReleaseResponse::Found(bits) = response
                             && bits.len() == t.map_len as usize
                         {
-                            t.haves.insert(peer, bits);
+                            t.set_haves(peer, bits);
                             // Requests waiting for a holder may have one now.
                             self.drain_queue();
                         }
@@ -921,8 +1014,19 @@ impl MeshActor {
             }
             Event::OutboundFailure { peer, request_id, error, .. } => {
                 tracing::debug!(%peer, %error, "release request failed");
-                if let Some(ReleaseWait::Caller(reply)) = self.release_pending.remove(&request_id) {
-                    let _ = reply.send((peer, None));
+                match self.release_pending.remove(&request_id) {
+                    Some(ReleaseWait::Caller(reply)) => {
+                        let _ = reply.send((peer, None));
+                    }
+                    Some(ReleaseWait::HaveMap { index, exchange }) => {
+                        if let Some(t) = self.tracked.as_mut().filter(|t| t.index == index) {
+                            t.asked.remove(&peer);
+                        }
+                        if exchange && let Some(s) = self.peers.get_mut(&peer) {
+                            s.no_exchange = true;
+                        }
+                    }
+                    None => {}
                 }
             }
             Event::InboundFailure { peer, error, .. } => {
