@@ -78,6 +78,33 @@ pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
     out
 }
 
+/// Compresses a raw object (`FLAG_RAW` and the chunk, as read from an image to serve a peer)
+/// with zstd at `level` when that makes it smaller, else returns it as it is. The zstd context
+/// is kept per thread: a server encodes chunk after chunk on the same few threads, and a new
+/// context per chunk costs about as much as compressing it.
+pub fn shrink(raw: Vec<u8>, level: i32) -> Vec<u8> {
+    thread_local! {
+        static CONTEXT: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let Some((&FLAG_RAW, data)) = raw.split_first() else { return raw };
+    let compressed = CONTEXT.with_borrow_mut(|context| {
+        if context.as_ref().is_none_or(|(l, _)| *l != level) {
+            *context = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+        }
+        context.as_mut().and_then(|(_, c)| c.compress(data).ok())
+    });
+    match compressed {
+        Some(c) if c.len() + 1 < raw.len() => {
+            let mut out = Vec::with_capacity(c.len() + 1);
+            out.push(FLAG_ZSTD);
+            out.extend_from_slice(&c);
+            out
+        }
+        _ => raw,
+    }
+}
+
 /// Largest valid object for a chunk of `len` bytes.
 pub fn max_object_len(len: u32) -> u64 {
     u64::from(len) + 1
@@ -156,6 +183,34 @@ pub fn decode_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shrink_compresses_what_pays_and_keeps_the_rest_raw() {
+        let raw = |data: &[u8]| [&[FLAG_RAW][..], data].concat();
+        let text: Vec<u8> = b"flotilla ".iter().copied().cycle().take(64 << 10).collect();
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let noise: Vec<u8> = (0..64 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 29) as u8
+            })
+            .collect();
+        // Twice each, so the context kept from the first call is used by the second.
+        for _ in 0..2 {
+            let small = shrink(raw(&text), 1);
+            assert_eq!(small[0], FLAG_ZSTD);
+            assert!(small.len() < 1024, "{} bytes", small.len());
+            assert_eq!(decode(&small, &ChunkId::of(&text), text.len() as u32).unwrap(), text);
+            assert_eq!(shrink(raw(&noise), 1), raw(&noise));
+        }
+        // A level change takes a new context; anything but a raw object is left alone.
+        assert_eq!(decode(&shrink(raw(&text), 3), &ChunkId::of(&text), text.len() as u32).unwrap(), text);
+        let zstd = encode(&text, 3);
+        assert_eq!(shrink(zstd.clone(), 1), zstd);
+        assert!(shrink(Vec::new(), 1).is_empty());
+    }
 
     /// A frame within the window bound that inflates past the declared length is cut off one
     /// byte past it, not decompressed in full.
