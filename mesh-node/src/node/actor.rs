@@ -305,6 +305,9 @@ type Served = (PeerId, ResponseChannel<ChunkResponse>, ChunkResponse);
 /// that, peers are told `Busy`.
 const WAITING_PER_UPLOAD: usize = 4;
 
+/// How long the have-map of a peer that holds every chunk is trusted before it is asked again.
+const COMPLETE_RECHECK: Duration = Duration::from_secs(30);
+
 /// Commands handled in one turn at most before the runs gathered are sent.
 const COMMANDS_PER_TURN: usize = 256;
 /// Where the answer to a release request goes: the peer asked and its answer (`None`: failed).
@@ -332,7 +335,7 @@ pub(super) struct Tracked {
     haves: HashMap<PeerId, Vec<u8>>,
     /// Peers asked for their have-map and not answered yet: never asked twice at once.
     asked: HashSet<PeerId>,
-    /// Peers whose last have-map holds every chunk: not asked again.
+    /// Peers whose last have-map holds every chunk: asked again only after [`COMPLETE_RECHECK`].
     complete: HashSet<PeerId>,
     /// When each peer's have-map last arrived (in an answer or in its own exchange).
     updated: HashMap<PeerId, Instant>,
@@ -363,6 +366,8 @@ impl Tracked {
         self.updated.insert(peer, Instant::now());
         if (0..self.len).all(|i| bits.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1)) {
             self.complete.insert(peer);
+        } else {
+            self.complete.remove(&peer);
         }
         self.haves.insert(peer, bits);
     }
@@ -396,7 +401,6 @@ impl MeshActor {
     async fn run(&mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
         loop {
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
@@ -544,7 +548,8 @@ impl MeshActor {
     }
 
     /// Asks the connected peers for their have-maps of the tracked release: each peer at most
-    /// once at a time, and not a peer whose last map held every chunk. Two peers that both
+    /// once at a time, and a peer whose last map held every chunk only every
+    /// [`COMPLETE_RECHECK`]. Two peers that both
     /// track it exchange maps in one round trip that the one with the lower id starts; the
     /// other asks only when no exchange reached it for [`EXCHANGE_LAPSE`] (the peer predates
     /// exchanges, tracks another release, or is slow). Half the requests of each asking the
@@ -557,11 +562,17 @@ impl MeshActor {
         let due: Vec<(PeerId, bool)> = self
             .peers
             .iter()
-            .filter(|(p, _)| !self.banned.contains_key(p) && !t.asked.contains(p) && !t.complete.contains(p))
+            .filter(|(p, _)| !self.banned.contains_key(p) && !t.asked.contains(p))
             .filter_map(|(p, s)| {
+                let age = t.updated.get(p).map(|at| now.duration_since(*at));
+                // A complete peer (a cache, say) is asked again now and then: a cache's store
+                // may drop chunks.
+                if t.complete.contains(p) && age.is_some_and(|a| a < COMPLETE_RECHECK) {
+                    return None;
+                }
                 let exchange = !s.no_exchange;
                 let leads = !exchange || me < *p;
-                let lapsed = t.updated.get(p).is_none_or(|at| now.duration_since(*at) >= EXCHANGE_LAPSE);
+                let lapsed = age.is_none_or(|a| a >= EXCHANGE_LAPSE);
                 (leads || lapsed).then_some((*p, exchange))
             })
             .collect();
