@@ -150,17 +150,12 @@ impl libp2p::request_response::Codec for ChunkCodec {
             io.read_exact(&mut tag).await?;
             match tag[0] {
                 TAG_OBJECT => {
-                    let mut len = [0u8; 4];
-                    io.read_exact(&mut len).await?;
-                    let len = u32::from_be_bytes(len);
-                    total += u64::from(len);
-                    if len == 0 || total > u64::from(MAX_OBJECT_LEN) {
-                        return Err(invalid(format!(
-                            "object of {len} bytes ({total} in the answer, limit {MAX_OBJECT_LEN})"
-                        )));
-                    }
-                    let mut obj = vec![0u8; len as usize];
-                    io.read_exact(&mut obj).await?;
+                    let obj = read_sized(io, |len| {
+                        total += u64::from(len);
+                        (len == 0 || total > u64::from(MAX_OBJECT_LEN))
+                            .then(|| format!("object of {len} bytes ({total} in the answer, limit {MAX_OBJECT_LEN})"))
+                    })
+                    .await?;
                     objects.push(Some(obj));
                 }
                 TAG_NOT_FOUND => objects.push(None),
@@ -276,18 +271,13 @@ impl libp2p::request_response::Codec for ReleaseCodec {
         let ask = match buf[0] {
             0 => ReleaseAsk::Index,
             1 => ReleaseAsk::HaveMap,
-            2 => {
-                let mut len = [0u8; 4];
-                io.read_exact(&mut len).await?;
-                let len = u32::from_be_bytes(len);
-                // Both maps cover the same index: the asker's is no longer than it accepts.
-                if len == 0 || len > max_len {
-                    return Err(invalid(format!("exchanged have-map of {len} bytes (bound {max_len})")));
-                }
-                let mut map = vec![0u8; len as usize];
-                io.read_exact(&mut map).await?;
-                ReleaseAsk::Exchange(map)
-            }
+            // Both maps cover the same index: the asker's is no longer than it accepts.
+            2 => ReleaseAsk::Exchange(
+                read_sized(io, |len| {
+                    (len == 0 || len > max_len).then(|| format!("exchanged have-map of {len} bytes (bound {max_len})"))
+                })
+                .await?,
+            ),
             other => return Err(invalid(format!("unknown release request {other}"))),
         };
         Ok(ReleaseRequest { ask, index: IndexId::from_bytes(id), max_len })
@@ -301,14 +291,11 @@ impl libp2p::request_response::Codec for ReleaseCodec {
         io.read_exact(&mut tag).await?;
         match tag[0] {
             TAG_OBJECT => {
-                let mut len = [0u8; 4];
-                io.read_exact(&mut len).await?;
-                let len = u32::from_be_bytes(len);
-                if len == 0 || len > MAX_RELEASE_DATA {
-                    return Err(invalid(format!("release answer of {len} bytes (limit {MAX_RELEASE_DATA})")));
-                }
-                let mut data = vec![0u8; len as usize];
-                io.read_exact(&mut data).await?;
+                let data = read_sized(io, |len| {
+                    (len == 0 || len > MAX_RELEASE_DATA)
+                        .then(|| format!("release answer of {len} bytes (limit {MAX_RELEASE_DATA})"))
+                })
+                .await?;
                 Ok(ReleaseResponse::Found(data))
             }
             TAG_NOT_FOUND => Ok(ReleaseResponse::NotFound),
@@ -360,6 +347,23 @@ impl libp2p::request_response::Codec for ReleaseCodec {
         }
         io.close().await
     }
+}
+
+/// Reads a big-endian u32 length, lets `refuse` turn it down (its message) before anything is
+/// allocated, then reads that many bytes.
+async fn read_sized<T>(io: &mut T, refuse: impl FnOnce(u32) -> Option<String>) -> io::Result<Vec<u8>>
+where
+    T: AsyncRead + Unpin + Send,
+{
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len);
+    if let Some(msg) = refuse(len) {
+        return Err(invalid(msg));
+    }
+    let mut data = vec![0u8; len as usize];
+    io.read_exact(&mut data).await?;
+    Ok(data)
 }
 
 fn invalid(msg: String) -> io::Error {
