@@ -548,6 +548,7 @@ impl PeerFirst {
             tracing::info!(
                 fetched_chunks = s.fetched_chunks,
                 requests = s.requests,
+                pipe_requests = s.pipe_requests,
                 have_requests = s.have_requests,
                 served_chunks = s.served_chunks,
                 served_requests = s.served_requests,

@@ -2,7 +2,8 @@
 //!
 //! The actor runs the swarm (TCP with Noise and Yamux, optionally inside a fleet-private
 //! network (pnet); QUIC; identify; mDNS; Kademlia with one provider record per release;
-//! gossipsub; the chunk protocol; connection limits and a block list for bans) and answers
+//! gossipsub; the chunk protocol, on one long-lived stream per peer where the peer takes it
+//! (see `pipe`); connection limits and a block list for bans) and answers
 //! commands from the handle. Serving reads the [`ChunkProvider`] on a blocking thread, one
 //! call per request, at most [`MeshConfig::max_uploads`] requests at a time (four times as many
 //! wait for a slot; beyond that peers are told `Busy`). Fetching asks one peer at a time per chunk, the fastest free one first,
@@ -33,6 +34,7 @@ use crate::protocol::{ChunkWant, ReleaseAsk, ReleaseRequest, ReleaseResponse};
 use crate::store::ChunkProvider;
 
 mod actor;
+mod pipe;
 
 /// Requests in flight to one peer (DESIGN.md: up to 3).
 pub const MAX_IN_FLIGHT_PER_PEER: usize = 3;
@@ -121,6 +123,10 @@ pub struct MeshConfig {
     pub ban_for: Duration,
     /// Limit of one chunk request.
     pub request_timeout: Duration,
+    /// Ask peers that take them on chunk pipes ([`crate::protocol::PIPE_PROTOCOL`], one
+    /// long-lived stream per peer), and take peers' pipes; off, every request has a stream of
+    /// its own, as before pipes.
+    pub pipes: bool,
     /// Announcements are verified against this root; without one they are ignored.
     pub trust_root: Option<TrustRoot>,
     /// The node's identity; `None`: a new one each start.
@@ -149,6 +155,7 @@ impl MeshConfig {
             max_upload_rate: None,
             ban_for: Duration::from_secs(600),
             request_timeout: Duration::from_secs(30),
+            pipes: true,
             trust_root: None,
             keypair: None,
             psk: None,
@@ -246,6 +253,7 @@ struct Counters {
     served_bytes: AtomicU64,
     served_requests: AtomicU64,
     requests: AtomicU64,
+    pipe_requests: AtomicU64,
     have_requests: AtomicU64,
     busy: AtomicU64,
     fetched_chunks: AtomicU64,
@@ -266,6 +274,8 @@ pub struct MeshStats {
     pub served_requests: u64,
     /// Chunk requests sent to peers.
     pub requests: u64,
+    /// Of `requests`, those sent on chunk pipes.
+    pub pipe_requests: u64,
     /// Have-map requests sent to peers (plain or exchanges).
     pub have_requests: u64,
     /// Requests answered `Busy`.
@@ -676,6 +686,7 @@ impl Mesh {
             served_requests: g(&c.served_requests),
             have_requests: g(&c.have_requests),
             requests: g(&c.requests),
+            pipe_requests: g(&c.pipe_requests),
             busy: g(&c.busy),
             fetched_chunks: g(&c.fetched_chunks),
             fetched_bytes: g(&c.fetched_bytes),
@@ -761,6 +772,60 @@ mod tests {
         // Unknown chunks are not found, after asking the one peer.
         let e = client.fetch(ChunkId::of(b"nobody has this"), 15).await.unwrap_err();
         assert!(matches!(e, MeshError::NotFound { asked: 1, .. }), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_go_on_one_pipe_and_to_peers_without_pipes_on_streams() {
+        let data: Vec<u8> = (0..80_000u32).map(|i| (i % 249) as u8).collect();
+        let (id, len) = (ChunkId::of(&data), data.len() as u32);
+        let memory =
+            || Arc::new(Memory { chunks: Mutex::new(HashMap::from([(id, object::encode(&data, 1))])), corrupt: false });
+        let piped = Mesh::start(loopback(Role::Cache), memory()).await.unwrap();
+        // A node from before pipes takes none.
+        let mut config = loopback(Role::Cache);
+        config.pipes = false;
+        let older = Mesh::start(config, memory()).await.unwrap();
+        for (server, on_pipes) in [(&piped, true), (&older, false)] {
+            let mut config = loopback(Role::Agent);
+            config.bootstrap = vec![server.listen_addrs().await.unwrap()[0].clone()];
+            let client = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+            client.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+            // One after the other (one request each), then together.
+            assert_eq!(client.fetch(id, len).await.unwrap().data, data);
+            let (a, b) = futures::join!(client.fetch(id, len), client.fetch(id, len));
+            assert_eq!((a.unwrap().data, b.unwrap().data), (data.clone(), data.clone()));
+            let s = client.stats().await.unwrap();
+            assert_eq!(s.pipe_requests, if on_pipes { s.requests } else { 0 }, "{s:?}");
+            assert_eq!(s.fetched_chunks, 3);
+            assert_eq!(server.stats().await.unwrap().served_chunks, 3);
+        }
+    }
+
+    /// Serves the chunk `1` (asked for by any id), after `0`.
+    struct Slow(Duration, Vec<u8>);
+
+    impl ChunkProvider for Slow {
+        fn object(&self, _: &ChunkId, _: u32) -> Option<Vec<u8>> {
+            std::thread::sleep(self.0);
+            Some(object::encode(&self.1, 1))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_does_not_answer_on_its_pipe_in_time_is_given_up() {
+        let data = b"a chunk served slowly".to_vec();
+        let slow = Slow(Duration::from_secs(3), data.clone());
+        let server = Mesh::start(loopback(Role::Cache), Arc::new(slow)).await.unwrap();
+        let mut config = loopback(Role::Agent);
+        config.bootstrap = vec![server.listen_addrs().await.unwrap()[0].clone()];
+        config.request_timeout = Duration::from_millis(300);
+        let client = Mesh::start(config, Arc::new(crate::store::NoChunks)).await.unwrap();
+        client.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+        // Without the timeout the chunk would come after 3 s; the request fails instead.
+        let e = client.fetch(ChunkId::of(&data), data.len() as u32).await.unwrap_err();
+        assert!(matches!(e, MeshError::NotFound { asked: 1, .. }), "{e}");
+        let s = client.stats().await.unwrap();
+        assert_eq!((s.requests, s.pipe_requests, s.fetched_chunks), (1, 1, 0), "{s:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

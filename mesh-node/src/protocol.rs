@@ -11,6 +11,10 @@
 //! 10 MiB and trust the declared length; this one reads exactly what it declares and refuses
 //! anything over [`MAX_OBJECT_LEN`] in all before allocating.
 //!
+//! `/flotilla/chunk-pipe/1` ([`PIPE_PROTOCOL`]) carries the same requests and answers on one
+//! stream per asker and server that stays open: no stream to open, negotiate and close per
+//! request. Nodes ask a peer on a pipe when identify says the peer takes them.
+//!
 //! `/flotilla/release/1` ([`RELEASE_PROTOCOL`]) carries what peers need about a release
 //! besides its chunks: its chunk index (by [`IndexId`], verified by the asker against the id
 //! and then against the signed manifest) and have-maps (one bit per index entry, set when the
@@ -30,6 +34,14 @@ use libp2p::StreamProtocol;
 
 /// The protocol name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/chunk/2");
+
+/// The pipe protocol's name: the requests and answers of [`PROTOCOL`], back to back on one
+/// long-lived stream from an asker to a server. The server first writes [`PIPE_HELLO`], then
+/// answers each request in order; the asker may send the next before an answer arrives.
+pub const PIPE_PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/chunk-pipe/1");
+
+/// The first byte a server writes on a pipe it takes.
+pub const PIPE_HELLO: u8 = 0xf1;
 
 /// Largest chunk length a request may name (the chunker's maximum is far below it).
 pub const MAX_CHUNK_LEN: u32 = 16 << 20;
@@ -115,54 +127,14 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut count = [0u8; 2];
-        io.read_exact(&mut count).await?;
-        let count = usize::from(u16::from_be_bytes(count));
-        if count == 0 || count > MAX_RUN_CHUNKS {
-            return Err(invalid(format!("a request for {count} chunks (1 to {MAX_RUN_CHUNKS})")));
-        }
-        let mut buf = vec![0u8; count * WANT_LEN];
-        io.read_exact(&mut buf).await?;
-        ChunkRequest::new(buf.chunks_exact(WANT_LEN).map(decode_want).collect())
+        read_request(io).await
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ChunkResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut head = [0u8; 1];
-        io.read_exact(&mut head).await?;
-        match head[0] {
-            TAG_RUN => {}
-            TAG_BUSY => return Ok(ChunkResponse::Busy),
-            other => return Err(invalid(format!("unknown answer tag {other}"))),
-        }
-        let mut count = [0u8; 2];
-        io.read_exact(&mut count).await?;
-        let count = usize::from(u16::from_be_bytes(count));
-        if count == 0 || count > MAX_RUN_CHUNKS {
-            return Err(invalid(format!("an answer for {count} chunks (1 to {MAX_RUN_CHUNKS})")));
-        }
-        let mut objects = Vec::with_capacity(count);
-        let mut total = 0u64;
-        for _ in 0..count {
-            let mut tag = [0u8; 1];
-            io.read_exact(&mut tag).await?;
-            match tag[0] {
-                TAG_OBJECT => {
-                    let obj = read_sized(io, |len| {
-                        total += u64::from(len);
-                        (len == 0 || total > u64::from(MAX_OBJECT_LEN))
-                            .then(|| format!("object of {len} bytes ({total} in the answer, limit {MAX_OBJECT_LEN})"))
-                    })
-                    .await?;
-                    objects.push(Some(obj));
-                }
-                TAG_NOT_FOUND => objects.push(None),
-                other => return Err(invalid(format!("unknown chunk tag {other}"))),
-            }
-        }
-        Ok(ChunkResponse::Run(objects))
+        read_response(io).await
     }
 
     async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: ChunkRequest) -> io::Result<()>
@@ -177,36 +149,97 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        match res {
-            ChunkResponse::Run(objects) => {
-                let count = u16::try_from(objects.len())
-                    .ok()
-                    .filter(|c| *c > 0 && usize::from(*c) <= MAX_RUN_CHUNKS)
-                    .ok_or_else(|| invalid(format!("an answer for {} chunks", objects.len())))?;
-                let total: usize = objects.iter().flatten().map(Vec::len).sum();
-                if total > MAX_OBJECT_LEN as usize || objects.iter().flatten().any(Vec::is_empty) {
-                    return Err(invalid(format!("an answer of {total} object bytes")));
-                }
-                // One write: every write to a stream is a frame of its own on the connection.
-                let mut out = Vec::with_capacity(3 + objects.len() * 5 + total);
-                out.push(TAG_RUN);
-                out.extend_from_slice(&count.to_be_bytes());
-                for obj in &objects {
-                    match obj {
-                        Some(obj) => {
-                            out.push(TAG_OBJECT);
-                            out.extend_from_slice(&(obj.len() as u32).to_be_bytes());
-                            out.extend_from_slice(obj);
-                        }
-                        None => out.push(TAG_NOT_FOUND),
-                    }
-                }
-                io.write_all(&out).await?;
-            }
-            ChunkResponse::Busy => io.write_all(&[TAG_BUSY]).await?,
-        }
+        // One write: every write to a stream is a frame of its own on the connection.
+        io.write_all(&encode_response(&res)?).await?;
         io.close().await
     }
+}
+
+/// Reads one chunk request (of either chunk protocol), within the protocol's bounds.
+pub(crate) async fn read_request<T>(io: &mut T) -> io::Result<ChunkRequest>
+where
+    T: AsyncRead + Unpin + Send,
+{
+    let mut count = [0u8; 2];
+    io.read_exact(&mut count).await?;
+    let count = usize::from(u16::from_be_bytes(count));
+    if count == 0 || count > MAX_RUN_CHUNKS {
+        return Err(invalid(format!("a request for {count} chunks (1 to {MAX_RUN_CHUNKS})")));
+    }
+    let mut buf = vec![0u8; count * WANT_LEN];
+    io.read_exact(&mut buf).await?;
+    ChunkRequest::new(buf.chunks_exact(WANT_LEN).map(decode_want).collect())
+}
+
+/// Reads one answer to a chunk request, refusing more than [`MAX_OBJECT_LEN`] of objects in
+/// all before allocating.
+pub(crate) async fn read_response<T>(io: &mut T) -> io::Result<ChunkResponse>
+where
+    T: AsyncRead + Unpin + Send,
+{
+    let mut head = [0u8; 1];
+    io.read_exact(&mut head).await?;
+    match head[0] {
+        TAG_RUN => {}
+        TAG_BUSY => return Ok(ChunkResponse::Busy),
+        other => return Err(invalid(format!("unknown answer tag {other}"))),
+    }
+    let mut count = [0u8; 2];
+    io.read_exact(&mut count).await?;
+    let count = usize::from(u16::from_be_bytes(count));
+    if count == 0 || count > MAX_RUN_CHUNKS {
+        return Err(invalid(format!("an answer for {count} chunks (1 to {MAX_RUN_CHUNKS})")));
+    }
+    let mut objects = Vec::with_capacity(count);
+    let mut total = 0u64;
+    for _ in 0..count {
+        let mut tag = [0u8; 1];
+        io.read_exact(&mut tag).await?;
+        match tag[0] {
+            TAG_OBJECT => {
+                let obj = read_sized(io, |len| {
+                    total += u64::from(len);
+                    (len == 0 || total > u64::from(MAX_OBJECT_LEN))
+                        .then(|| format!("object of {len} bytes ({total} in the answer, limit {MAX_OBJECT_LEN})"))
+                })
+                .await?;
+                objects.push(Some(obj));
+            }
+            TAG_NOT_FOUND => objects.push(None),
+            other => return Err(invalid(format!("unknown chunk tag {other}"))),
+        }
+    }
+    Ok(ChunkResponse::Run(objects))
+}
+
+/// The wire form of an answer, or why the protocol cannot carry it.
+pub(crate) fn encode_response(res: &ChunkResponse) -> io::Result<Vec<u8>> {
+    let objects = match res {
+        ChunkResponse::Busy => return Ok(vec![TAG_BUSY]),
+        ChunkResponse::Run(objects) => objects,
+    };
+    let count = u16::try_from(objects.len())
+        .ok()
+        .filter(|c| *c > 0 && usize::from(*c) <= MAX_RUN_CHUNKS)
+        .ok_or_else(|| invalid(format!("an answer for {} chunks", objects.len())))?;
+    let total: usize = objects.iter().flatten().map(Vec::len).sum();
+    if total > MAX_OBJECT_LEN as usize || objects.iter().flatten().any(Vec::is_empty) {
+        return Err(invalid(format!("an answer of {total} object bytes")));
+    }
+    let mut out = Vec::with_capacity(3 + objects.len() * 5 + total);
+    out.push(TAG_RUN);
+    out.extend_from_slice(&count.to_be_bytes());
+    for obj in objects {
+        match obj {
+            Some(obj) => {
+                out.push(TAG_OBJECT);
+                out.extend_from_slice(&(obj.len() as u32).to_be_bytes());
+                out.extend_from_slice(obj);
+            }
+            None => out.push(TAG_NOT_FOUND),
+        }
+    }
+    Ok(out)
 }
 
 /// The release protocol's name.
@@ -370,7 +403,8 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-fn encode_request(req: &ChunkRequest) -> Vec<u8> {
+/// The wire form of a request.
+pub(crate) fn encode_request(req: &ChunkRequest) -> Vec<u8> {
     let mut buf = Vec::with_capacity(2 + req.0.len() * WANT_LEN);
     buf.extend_from_slice(&(req.0.len() as u16).to_be_bytes());
     for w in &req.0 {

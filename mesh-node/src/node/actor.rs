@@ -20,6 +20,7 @@ use libp2p::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::pipe::{Pipe, PipeEvent};
 use super::{
     Answer, Command, Counters, EXCHANGE_LAPSE, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_ANNOUNCEMENT_LEN,
     MAX_IN_FLIGHT_BYTES, MAX_IN_FLIGHT_PER_PEER, MAX_PROVIDERS_DIALLED, MeshConfig, MeshError, PROVIDER_LOOKUP_EVERY,
@@ -27,8 +28,8 @@ use super::{
 };
 use crate::offer::VerifiedOffer;
 use crate::protocol::{
-    ChunkCodec, ChunkRequest, ChunkResponse, ChunkWant, MAX_RUN_CHUNKS, PROTOCOL, RELEASE_PROTOCOL, ReleaseAsk,
-    ReleaseCodec, ReleaseRequest, ReleaseResponse,
+    ChunkCodec, ChunkRequest, ChunkResponse, ChunkWant, MAX_RUN_CHUNKS, PIPE_PROTOCOL, PROTOCOL, RELEASE_PROTOCOL,
+    ReleaseAsk, ReleaseCodec, ReleaseRequest, ReleaseResponse,
 };
 use crate::store::ChunkProvider;
 
@@ -49,6 +50,11 @@ pub(super) struct Parts {
 /// Dials the bootstrap peers and runs the actor until every handle is dropped.
 pub(super) fn spawn(p: Parts) {
     let (served_tx, served_rx) = mpsc::channel(64);
+    let (pipe_tx, pipe_rx) = mpsc::unbounded_channel();
+    let control = p.swarm.behaviour().pipes.new_control();
+    if p.config.pipes {
+        super::pipe::accept(control.clone(), pipe_tx.clone());
+    }
     let upload_budget = p.config.max_upload_rate.map_or(0.0, |r| r as f64);
     let mut actor = MeshActor {
         swarm: p.swarm,
@@ -80,6 +86,11 @@ pub(super) fn spawn(p: Parts) {
         budget_at: Instant::now(),
         served_tx,
         served_rx,
+        control,
+        pipes: HashMap::new(),
+        pipe_tx,
+        pipe_rx,
+        next_pipe_id: 0,
     };
     for addr in actor.config.bootstrap.clone() {
         // Bootstrap peers seed Kademlia's routing table too.
@@ -101,6 +112,7 @@ pub(super) struct Behaviour {
     kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     pub(super) gossipsub: gossipsub::Behaviour,
     chunks: request_response::Behaviour<ChunkCodec>,
+    pipes: libp2p_stream::Behaviour,
     release: request_response::Behaviour<ReleaseCodec>,
 }
 
@@ -185,6 +197,7 @@ fn behaviour(
             [(PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(request_timeout).with_max_concurrent_streams(64),
         ),
+        pipes: libp2p_stream::Behaviour::new(),
         release: request_response::Behaviour::with_codec(
             ReleaseCodec,
             [(RELEASE_PROTOCOL, ProtocolSupport::Full)],
@@ -210,6 +223,9 @@ struct PeerState {
     misses: u64,
     /// An exchange of have-maps with it failed: it predates them, and is asked plainly.
     no_exchange: bool,
+    /// It takes chunk pipes (identify lists [`PIPE_PROTOCOL`]): asked on one, else with a
+    /// stream per request.
+    pipe: bool,
 }
 
 impl PeerState {
@@ -230,6 +246,19 @@ type Reply = oneshot::Sender<Option<(PeerId, Answer)>>;
 struct Item {
     want: ChunkWant,
     reply: Reply,
+}
+
+/// How a request went out: on the request-response protocol, or on a pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Sent {
+    Stream(OutboundRequestId),
+    Pipe(u64),
+}
+
+/// Where the answer to a peer's request goes.
+enum Channel {
+    Stream(ResponseChannel<ChunkResponse>),
+    Pipe(oneshot::Sender<ChunkResponse>),
 }
 
 /// A request sent: the chunks of one run, in order.
@@ -279,7 +308,7 @@ struct MeshActor {
     /// minutes later.
     discovered: HashMap<PeerId, Multiaddr>,
     banned: HashMap<PeerId, Instant>,
-    pending: HashMap<OutboundRequestId, Pending>,
+    pending: HashMap<Sent, Pending>,
     /// Runs being gathered this turn, per peer; sent by [`MeshActor::flush`] when the turn
     /// ends (each counts as one of the peer's requests in flight from when it opens).
     open: HashMap<PeerId, Vec<Item>>,
@@ -290,16 +319,24 @@ struct MeshActor {
     uploads: usize,
     uploads_by_peer: HashMap<PeerId, usize>,
     /// Requests waiting for an upload slot.
-    waiting: VecDeque<(PeerId, ChunkRequest, ResponseChannel<ChunkResponse>)>,
+    waiting: VecDeque<(PeerId, ChunkRequest, Channel)>,
     /// Token bucket of [`MeshConfig::max_upload_rate`], in bytes; refilled when read.
     upload_budget: f64,
     budget_at: Instant,
     served_tx: mpsc::Sender<Served>,
     served_rx: mpsc::Receiver<Served>,
+    /// Opens pipes.
+    control: libp2p_stream::Control,
+    /// The pipe to each peer asked on one.
+    pipes: HashMap<PeerId, Pipe>,
+    /// What pipes tell the actor: answers, and peers' requests.
+    pipe_tx: mpsc::UnboundedSender<PipeEvent>,
+    pipe_rx: mpsc::UnboundedReceiver<PipeEvent>,
+    next_pipe_id: u64,
 }
 
 /// A finished read of the provider, to answer on the swarm.
-type Served = (PeerId, ResponseChannel<ChunkResponse>, ChunkResponse);
+type Served = (PeerId, Channel, ChunkResponse);
 
 /// Requests that may wait for an upload slot, per slot ([`MeshConfig::max_uploads`]); past
 /// that, peers are told `Busy`.
@@ -431,9 +468,9 @@ impl MeshActor {
                         self.counters.served_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                         self.counters.served_requests.fetch_add(1, Ordering::Relaxed);
                     }
-                    // The requester may have gone; nothing to do then.
-                    let _ = self.swarm.behaviour_mut().chunks.send_response(channel, response);
+                    self.respond(channel, response);
                 }
+                Some(ev) = self.pipe_rx.recv() => self.pipe_event(ev),
                 ev = self.swarm.select_next_some() => self.swarm_event(ev),
                 _ = tick.tick() => self.tick(),
             }
@@ -663,6 +700,7 @@ impl MeshActor {
             tracing::warn!(%peer, for_s = self.config.ban_for.as_secs(), "peer banned");
         }
         self.swarm.behaviour_mut().blocked.block_peer(peer);
+        self.pipes.remove(&peer);
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
@@ -743,7 +781,7 @@ impl MeshActor {
             let wants = items.iter().map(|i| i.want).collect();
             match ChunkRequest::new(wants) {
                 Ok(req) => {
-                    let id = self.swarm.behaviour_mut().chunks.send_request(&peer, req);
+                    let id = self.send(peer, req);
                     self.counters.requests.fetch_add(1, Ordering::Relaxed);
                     self.pending.insert(id, Pending { peer, started: Instant::now(), items });
                 }
@@ -807,7 +845,84 @@ impl MeshActor {
         }
     }
 
-    fn finish(&mut self, id: OutboundRequestId, response: Option<ChunkResponse>) {
+    /// Sends `req` to `peer`: on its pipe when it takes pipes (opened on first use, and again
+    /// when it closed), else on a stream of its own.
+    fn send(&mut self, peer: PeerId, req: ChunkRequest) -> Sent {
+        if self.config.pipes && self.peers.get(&peer).is_some_and(|s| s.pipe) {
+            let id = self.next_pipe_id;
+            self.next_pipe_id += 1;
+            let mut req = req;
+            // A pipe that closed gives the request back; a new one takes it.
+            for _ in 0..2 {
+                let pipe = self.pipes.entry(peer).or_insert_with(|| {
+                    Pipe::open(self.control.clone(), peer, self.config.request_timeout, self.pipe_tx.clone())
+                });
+                match pipe.send(id, req) {
+                    Ok(()) => {
+                        self.counters.pipe_requests.fetch_add(1, Ordering::Relaxed);
+                        return Sent::Pipe(id);
+                    }
+                    Err(back) => {
+                        self.pipes.remove(&peer);
+                        req = back;
+                    }
+                }
+            }
+            return Sent::Stream(self.swarm.behaviour_mut().chunks.send_request(&peer, req));
+        }
+        Sent::Stream(self.swarm.behaviour_mut().chunks.send_request(&peer, req))
+    }
+
+    fn pipe_event(&mut self, ev: PipeEvent) {
+        match ev {
+            PipeEvent::Answer(id, response) => self.finish(Sent::Pipe(id), response),
+            PipeEvent::Stalled(peer) => {
+                tracing::info!(%peer, "peer did not answer in time; disconnecting");
+                self.pipes.remove(&peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            PipeEvent::Unsupported(peer) => {
+                tracing::debug!(%peer, "peer refused a chunk pipe; asking it with a stream per request");
+                self.pipes.remove(&peer);
+                if let Some(s) = self.peers.get_mut(&peer) {
+                    s.pipe = false;
+                }
+            }
+            PipeEvent::Request(peer, request, reply) => self.inbound(peer, request, Channel::Pipe(reply)),
+        }
+    }
+
+    /// Answers a peer's request, on the protocol it came on (the asker may have gone).
+    fn respond(&mut self, channel: Channel, response: ChunkResponse) {
+        match channel {
+            Channel::Stream(channel) => {
+                let _ = self.swarm.behaviour_mut().chunks.send_response(channel, response);
+            }
+            Channel::Pipe(reply) => {
+                let _ = reply.send(response);
+            }
+        }
+    }
+
+    /// A peer's request for chunks: served when an upload slot is free, else it waits for
+    /// one; past the waiting room or the upload budget, the answer is `Busy`.
+    fn inbound(&mut self, peer: PeerId, request: ChunkRequest, channel: Channel) {
+        if self.banned.contains_key(&peer) {
+            return;
+        }
+        if !self.upload_budget_left() || self.waiting.len() >= self.config.max_uploads * WAITING_PER_UPLOAD {
+            self.counters.busy.fetch_add(1, Ordering::Relaxed);
+            self.respond(channel, ChunkResponse::Busy);
+            return;
+        }
+        // Requests beyond the upload slots wait for one (peers' requests come in bursts,
+        // when their have-maps show new chunks): answering `Busy` made them ask again,
+        // elsewhere or later, for the same chunks.
+        self.waiting.push_back((peer, request, channel));
+        self.serve_waiting();
+    }
+
+    fn finish(&mut self, id: Sent, response: Option<ChunkResponse>) {
         let Some(p) = self.pending.remove(&id) else { return };
         self.in_flight_bytes -= p.bytes();
         // Whatever a banned peer still had in flight is dropped unread.
@@ -847,6 +962,7 @@ impl MeshActor {
                 let role = Role::from_agent_version(&info.agent_version);
                 if let Some(s) = self.peers.get_mut(&peer_id) {
                     s.role = role;
+                    s.pipe = info.protocols.contains(&PIPE_PROTOCOL);
                 }
                 // A Flotilla peer's listen addresses go into Kademlia's routing table.
                 if role.is_some()
@@ -892,6 +1008,7 @@ impl MeshActor {
                     hits: 0,
                     misses: 0,
                     no_exchange: false,
+                    pipe: false,
                 });
                 self.drain_queue();
                 if let Some(t) = &self.tracked
@@ -907,6 +1024,8 @@ impl MeshActor {
                 }
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.peers.remove(&peer_id);
+                // Its pipe's requests fail as the stream breaks.
+                self.pipes.remove(&peer_id);
                 // Requests pending with it fail through OutboundFailure; queued ones may now
                 // have no candidate left.
                 self.drain_queue();
@@ -937,22 +1056,10 @@ impl MeshActor {
         use request_response::{Event, Message};
         match ev {
             Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
-                if self.banned.contains_key(&peer) {
-                    return;
-                }
-                if !self.upload_budget_left() || self.waiting.len() >= self.config.max_uploads * WAITING_PER_UPLOAD {
-                    self.counters.busy.fetch_add(1, Ordering::Relaxed);
-                    let _ = self.swarm.behaviour_mut().chunks.send_response(channel, ChunkResponse::Busy);
-                    return;
-                }
-                // Requests beyond the upload slots wait for one (peers' requests come in
-                // bursts, when their have-maps show new chunks): answering `Busy` made them
-                // ask again, elsewhere or later, for the same chunks.
-                self.waiting.push_back((peer, request, channel));
-                self.serve_waiting();
+                self.inbound(peer, request, Channel::Stream(channel));
             }
             Event::Message { message: Message::Response { request_id, response }, .. } => {
-                self.finish(request_id, Some(response));
+                self.finish(Sent::Stream(request_id), Some(response));
             }
             Event::OutboundFailure { peer, request_id, error, .. } => {
                 tracing::debug!(%peer, %error, "chunk request failed");
@@ -963,7 +1070,7 @@ impl MeshActor {
                     tracing::info!(%peer, "peer did not answer in time; disconnecting");
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
-                self.finish(request_id, None);
+                self.finish(Sent::Stream(request_id), None);
             }
             Event::InboundFailure { peer, error, .. } => tracing::debug!(%peer, %error, "serving a chunk failed"),
             Event::ResponseSent { .. } => {}
