@@ -174,7 +174,8 @@ impl ChunkSource {
         }
     }
 
-    /// Where the last fetch of `id` came from: `peer`, `cdn` or `file`.
+    /// Where the last fetch of `id` came from: `peer`, `cdn` or `file`. Called once `id` is
+    /// written (peers are told of it from then on).
     pub(crate) fn label_for(&self, id: &ChunkId) -> &'static str {
         match self {
             Self::Peer(p) => p.source_of(id),

@@ -561,12 +561,14 @@ impl PeerFirst {
     }
 
     fn record(&self, id: &ChunkId, source: &'static str) {
-        self.provider.mark_held(id);
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, source);
     }
 
-    /// Where the last fetch of `id` came from (`peer` or `cdn`).
+    /// `id` was written: it shows in have-maps from now on (not when it arrived, or peers
+    /// would ask for a chunk not yet on disk and be told "not found"). Returns where it came
+    /// from (`peer` or `cdn`).
     pub(crate) fn source_of(&self, id: &ChunkId) -> &'static str {
+        self.provider.mark_held(id);
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).remove(id).unwrap_or("cdn")
     }
 }
