@@ -274,7 +274,7 @@ pub struct MeshStats {
     pub served_requests: u64,
     /// Chunk requests sent to peers.
     pub requests: u64,
-    /// Of `requests`, those sent on chunk pipes.
+    /// Chunk and have-map requests sent on pipes (of `requests` and `have_requests`).
     pub pipe_requests: u64,
     /// Have-map requests sent to peers (plain or exchanges).
     pub have_requests: u64,
@@ -1047,11 +1047,23 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_peers_fetching_one_release_exchange_have_maps_in_one_request() {
+        // On pipes, and on a stream per request (nodes from before pipes).
+        for pipes in [true, false] {
+            exchange_have_maps(pipes).await;
+        }
+    }
+
+    async fn exchange_have_maps(pipes: bool) {
         let (data, index) = chunked_noise(0x9e37_79b9_7f4a_7c15);
         let grow = || Arc::new(Growing { data: data.clone(), index: index.clone(), held: Mutex::default() });
         let (px, py) = (grow(), grow());
-        let x = Mesh::start(loopback(Role::Agent), px.clone()).await.unwrap();
-        let mut config = loopback(Role::Agent);
+        let agent = || {
+            let mut config = loopback(Role::Agent);
+            config.pipes = pipes;
+            config
+        };
+        let x = Mesh::start(agent(), px.clone()).await.unwrap();
+        let mut config = agent();
         config.bootstrap = vec![x.listen_addrs().await.unwrap()[0].clone()];
         let y = Mesh::start(config, py.clone()).await.unwrap();
         y.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
@@ -1076,11 +1088,16 @@ mod tests {
         assert_eq!((ChunkId::of(&got.data), got.peer), (entries[0].id, leader.peer_id()));
         let got = fetch_when_known(leader, &entries[1]).await;
         assert_eq!((ChunkId::of(&got.data), got.peer), (entries[1].id, follower.peer_id()));
-        let (l, f) = (leader.stats().await.unwrap().have_requests, follower.stats().await.unwrap().have_requests);
+        let (ls, fs) = (leader.stats().await.unwrap(), follower.stats().await.unwrap());
+        let (l, f) = (ls.have_requests, fs.have_requests);
         assert!(l >= 2, "the leader asked {l} times");
         // The follower asked once, when it began tracking (it knew nothing of the leader yet),
         // and never again: the leader's exchanges kept it up to date.
         assert_eq!(f, 1, "the follower asked for have-maps itself");
+        // With pipes, every request (both began tracking once identified) went on one.
+        for s in [ls, fs] {
+            assert_eq!(s.pipe_requests, if pipes { s.have_requests + s.requests } else { 0 }, "{s:?}");
+        }
     }
 
     fn memory(data: &[u8]) -> Arc<Memory> {

@@ -35,13 +35,19 @@ use libp2p::StreamProtocol;
 /// The protocol name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/chunk/2");
 
-/// The pipe protocol's name: the requests and answers of [`PROTOCOL`], back to back on one
-/// long-lived stream from an asker to a server. The server first writes [`PIPE_HELLO`], then
-/// answers each request in order; the asker may send the next before an answer arrives.
+/// The pipe protocol's name: the requests and answers of [`PROTOCOL`] and of
+/// [`RELEASE_PROTOCOL`], back to back on one long-lived stream from an asker to a server. Each
+/// request starts with its kind ([`PIPE_CHUNKS`] or [`PIPE_RELEASE`]), then its protocol's
+/// request. The server first writes [`PIPE_HELLO`], then answers each request in order, in
+/// its protocol's answer format; the asker may send the next before an answer arrives.
 pub const PIPE_PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/chunk-pipe/1");
 
 /// The first byte a server writes on a pipe it takes.
 pub const PIPE_HELLO: u8 = 0xf1;
+/// A pipe request's kind: a chunk request.
+pub const PIPE_CHUNKS: u8 = 0;
+/// A pipe request's kind: a release request (have-maps).
+pub const PIPE_RELEASE: u8 = 1;
 
 /// Largest chunk length a request may name (the chunker's maximum is far below it).
 pub const MAX_CHUNK_LEN: u32 = 16 << 20;
@@ -293,70 +299,21 @@ impl libp2p::request_response::Codec for ReleaseCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut buf = [0u8; 37];
-        io.read_exact(&mut buf).await?;
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&buf[1..33]);
-        let max_len = u32::from_be_bytes([buf[33], buf[34], buf[35], buf[36]]);
-        if max_len == 0 || max_len > MAX_RELEASE_DATA {
-            return Err(invalid(format!("release request bound of {max_len} bytes (limit {MAX_RELEASE_DATA})")));
-        }
-        let ask = match buf[0] {
-            0 => ReleaseAsk::Index,
-            1 => ReleaseAsk::HaveMap,
-            // Both maps cover the same index: the asker's is no longer than it accepts.
-            2 => ReleaseAsk::Exchange(
-                read_sized(io, |len| {
-                    (len == 0 || len > max_len).then(|| format!("exchanged have-map of {len} bytes (bound {max_len})"))
-                })
-                .await?,
-            ),
-            other => return Err(invalid(format!("unknown release request {other}"))),
-        };
-        Ok(ReleaseRequest { ask, index: IndexId::from_bytes(id), max_len })
+        read_release_request(io).await
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ReleaseResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut tag = [0u8; 1];
-        io.read_exact(&mut tag).await?;
-        match tag[0] {
-            TAG_OBJECT => {
-                let data = read_sized(io, |len| {
-                    (len == 0 || len > MAX_RELEASE_DATA)
-                        .then(|| format!("release answer of {len} bytes (limit {MAX_RELEASE_DATA})"))
-                })
-                .await?;
-                Ok(ReleaseResponse::Found(data))
-            }
-            TAG_NOT_FOUND => Ok(ReleaseResponse::NotFound),
-            other => Err(invalid(format!("unknown answer tag {other}"))),
-        }
+        read_release_response(io).await
     }
 
     async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: ReleaseRequest) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let mut buf = Vec::with_capacity(41);
-        buf.push(match req.ask {
-            ReleaseAsk::Index => 0,
-            ReleaseAsk::HaveMap => 1,
-            ReleaseAsk::Exchange(_) => 2,
-        });
-        buf.extend_from_slice(req.index.as_bytes());
-        buf.extend_from_slice(&req.max_len.to_be_bytes());
-        if let ReleaseAsk::Exchange(map) = &req.ask {
-            let len = u32::try_from(map.len())
-                .ok()
-                .filter(|l| *l > 0 && *l <= req.max_len)
-                .ok_or_else(|| invalid(format!("exchanged have-map of {} bytes (bound {})", map.len(), req.max_len)))?;
-            buf.extend_from_slice(&len.to_be_bytes());
-            buf.extend_from_slice(map);
-        }
-        io.write_all(&buf).await?;
+        io.write_all(&encode_release_request(&req)?).await?;
         io.close().await
     }
 
@@ -364,21 +321,96 @@ impl libp2p::request_response::Codec for ReleaseCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        match res {
-            ReleaseResponse::Found(data) => {
-                let len = u32::try_from(data.len())
-                    .ok()
-                    .filter(|l| *l > 0 && *l <= MAX_RELEASE_DATA)
-                    .ok_or_else(|| invalid(format!("release answer of {} bytes", data.len())))?;
-                let mut out = Vec::with_capacity(5 + data.len());
-                out.push(TAG_OBJECT);
-                out.extend_from_slice(&len.to_be_bytes());
-                out.extend_from_slice(&data);
-                io.write_all(&out).await?;
-            }
-            ReleaseResponse::NotFound => io.write_all(&[TAG_NOT_FOUND]).await?,
-        }
+        io.write_all(&encode_release_response(&res)?).await?;
         io.close().await
+    }
+}
+
+/// Reads one release request (of either protocol that carries them), within its bounds.
+pub(crate) async fn read_release_request<T>(io: &mut T) -> io::Result<ReleaseRequest>
+where
+    T: AsyncRead + Unpin + Send,
+{
+    let mut buf = [0u8; 37];
+    io.read_exact(&mut buf).await?;
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&buf[1..33]);
+    let max_len = u32::from_be_bytes([buf[33], buf[34], buf[35], buf[36]]);
+    if max_len == 0 || max_len > MAX_RELEASE_DATA {
+        return Err(invalid(format!("release request bound of {max_len} bytes (limit {MAX_RELEASE_DATA})")));
+    }
+    let ask = match buf[0] {
+        0 => ReleaseAsk::Index,
+        1 => ReleaseAsk::HaveMap,
+        // Both maps cover the same index: the asker's is no longer than it accepts.
+        2 => ReleaseAsk::Exchange(
+            read_sized(io, |len| {
+                (len == 0 || len > max_len).then(|| format!("exchanged have-map of {len} bytes (bound {max_len})"))
+            })
+            .await?,
+        ),
+        other => return Err(invalid(format!("unknown release request {other}"))),
+    };
+    Ok(ReleaseRequest { ask, index: IndexId::from_bytes(id), max_len })
+}
+
+/// Reads one answer to a release request, at most [`MAX_RELEASE_DATA`].
+pub(crate) async fn read_release_response<T>(io: &mut T) -> io::Result<ReleaseResponse>
+where
+    T: AsyncRead + Unpin + Send,
+{
+    let mut tag = [0u8; 1];
+    io.read_exact(&mut tag).await?;
+    match tag[0] {
+        TAG_OBJECT => {
+            let data = read_sized(io, |len| {
+                (len == 0 || len > MAX_RELEASE_DATA)
+                    .then(|| format!("release answer of {len} bytes (limit {MAX_RELEASE_DATA})"))
+            })
+            .await?;
+            Ok(ReleaseResponse::Found(data))
+        }
+        TAG_NOT_FOUND => Ok(ReleaseResponse::NotFound),
+        other => Err(invalid(format!("unknown answer tag {other}"))),
+    }
+}
+
+/// The wire form of a release request, or why the protocol cannot carry it.
+pub(crate) fn encode_release_request(req: &ReleaseRequest) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(41);
+    buf.push(match req.ask {
+        ReleaseAsk::Index => 0,
+        ReleaseAsk::HaveMap => 1,
+        ReleaseAsk::Exchange(_) => 2,
+    });
+    buf.extend_from_slice(req.index.as_bytes());
+    buf.extend_from_slice(&req.max_len.to_be_bytes());
+    if let ReleaseAsk::Exchange(map) = &req.ask {
+        let len = u32::try_from(map.len())
+            .ok()
+            .filter(|l| *l > 0 && *l <= req.max_len)
+            .ok_or_else(|| invalid(format!("exchanged have-map of {} bytes (bound {})", map.len(), req.max_len)))?;
+        buf.extend_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(map);
+    }
+    Ok(buf)
+}
+
+/// The wire form of a release answer, or why the protocol cannot carry it.
+pub(crate) fn encode_release_response(res: &ReleaseResponse) -> io::Result<Vec<u8>> {
+    match res {
+        ReleaseResponse::Found(data) => {
+            let len = u32::try_from(data.len())
+                .ok()
+                .filter(|l| *l > 0 && *l <= MAX_RELEASE_DATA)
+                .ok_or_else(|| invalid(format!("release answer of {} bytes", data.len())))?;
+            let mut out = Vec::with_capacity(5 + data.len());
+            out.push(TAG_OBJECT);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(data);
+            Ok(out)
+        }
+        ReleaseResponse::NotFound => Ok(vec![TAG_NOT_FOUND]),
     }
 }
 

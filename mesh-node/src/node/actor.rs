@@ -20,7 +20,7 @@ use libp2p::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::pipe::{Pipe, PipeEvent};
+use super::pipe::{Pipe, PipeAnswer, PipeAsk, PipeEvent};
 use super::{
     Answer, Command, Counters, EXCHANGE_LAPSE, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_ANNOUNCEMENT_LEN,
     MAX_IN_FLIGHT_BYTES, MAX_IN_FLIGHT_PER_PEER, MAX_PROVIDERS_DIALLED, MeshConfig, MeshError, PROVIDER_LOOKUP_EVERY,
@@ -293,7 +293,7 @@ struct MeshActor {
     offers: broadcast::Sender<VerifiedOffer>,
     offers_topic: gossipsub::IdentTopic,
     listen_addrs: Vec<Multiaddr>,
-    release_pending: HashMap<OutboundRequestId, ReleaseWait>,
+    release_pending: HashMap<Sent, ReleaseWait>,
     /// The release this node is fetching, with its peers' have-maps.
     tracked: Option<Tracked>,
     /// Releases this node announced as a Kademlia provider of.
@@ -631,7 +631,7 @@ impl MeshActor {
     fn ask_haves(&mut self, peer: PeerId, ask: ReleaseAsk, index: flotilla_core::ids::IndexId, max_len: u32) {
         let exchange = matches!(ask, ReleaseAsk::Exchange(_));
         let req = ReleaseRequest { ask, index, max_len };
-        let id = self.swarm.behaviour_mut().release.send_request(&peer, req);
+        let id = self.send(peer, PipeAsk::Release(req));
         self.release_pending.insert(id, ReleaseWait::HaveMap { index, exchange });
         self.counters.have_requests.fetch_add(1, Ordering::Relaxed);
         if let Some(t) = self.tracked.as_mut() {
@@ -688,8 +688,9 @@ impl MeshActor {
                     let _ = reply.send((peer, None));
                     return;
                 }
+                // On a stream of its own: an index may be megabytes, and would hold up the pipe.
                 let id = self.swarm.behaviour_mut().release.send_request(&peer, req);
-                self.release_pending.insert(id, ReleaseWait::Caller(reply));
+                self.release_pending.insert(Sent::Stream(id), ReleaseWait::Caller(reply));
             }
         }
     }
@@ -781,7 +782,7 @@ impl MeshActor {
             let wants = items.iter().map(|i| i.want).collect();
             match ChunkRequest::new(wants) {
                 Ok(req) => {
-                    let id = self.send(peer, req);
+                    let id = self.send(peer, PipeAsk::Chunks(req));
                     self.counters.requests.fetch_add(1, Ordering::Relaxed);
                     self.pending.insert(id, Pending { peer, started: Instant::now(), items });
                 }
@@ -845,37 +846,57 @@ impl MeshActor {
         }
     }
 
-    /// Sends `req` to `peer`: on its pipe when it takes pipes (opened on first use, and again
+    /// Sends `ask` to `peer`: on its pipe when it takes pipes (opened on first use, and again
     /// when it closed), else on a stream of its own.
-    fn send(&mut self, peer: PeerId, req: ChunkRequest) -> Sent {
-        if self.config.pipes && self.peers.get(&peer).is_some_and(|s| s.pipe) {
-            let id = self.next_pipe_id;
-            self.next_pipe_id += 1;
-            let mut req = req;
-            // A pipe that closed gives the request back; a new one takes it.
-            for _ in 0..2 {
-                let pipe = self.pipes.entry(peer).or_insert_with(|| {
-                    Pipe::open(self.control.clone(), peer, self.config.request_timeout, self.pipe_tx.clone())
-                });
-                match pipe.send(id, req) {
-                    Ok(()) => {
-                        self.counters.pipe_requests.fetch_add(1, Ordering::Relaxed);
-                        return Sent::Pipe(id);
-                    }
-                    Err(back) => {
-                        self.pipes.remove(&peer);
-                        req = back;
-                    }
+    fn send(&mut self, peer: PeerId, ask: PipeAsk) -> Sent {
+        match self.pipe_send(peer, ask) {
+            Ok(id) => Sent::Pipe(id),
+            Err(ask) => {
+                let b = self.swarm.behaviour_mut();
+                Sent::Stream(match ask {
+                    PipeAsk::Chunks(req) => b.chunks.send_request(&peer, req),
+                    PipeAsk::Release(req) => b.release.send_request(&peer, req),
+                })
+            }
+        }
+    }
+
+    /// Sends `ask` on the pipe to `peer` (opened on first use, and again when it closed);
+    /// gives it back when the peer takes no pipes.
+    fn pipe_send(&mut self, peer: PeerId, ask: PipeAsk) -> Result<u64, PipeAsk> {
+        if !self.config.pipes || !self.peers.get(&peer).is_some_and(|s| s.pipe) {
+            return Err(ask);
+        }
+        let id = self.next_pipe_id;
+        self.next_pipe_id += 1;
+        let mut ask = ask;
+        // A pipe that closed gives the request back; a new one takes it.
+        for _ in 0..2 {
+            let pipe = self.pipes.entry(peer).or_insert_with(|| {
+                Pipe::open(self.control.clone(), peer, self.config.request_timeout, self.pipe_tx.clone())
+            });
+            match pipe.send(id, ask) {
+                Ok(()) => {
+                    self.counters.pipe_requests.fetch_add(1, Ordering::Relaxed);
+                    return Ok(id);
+                }
+                Err(back) => {
+                    self.pipes.remove(&peer);
+                    ask = back;
                 }
             }
-            return Sent::Stream(self.swarm.behaviour_mut().chunks.send_request(&peer, req));
         }
-        Sent::Stream(self.swarm.behaviour_mut().chunks.send_request(&peer, req))
+        Err(ask)
     }
 
     fn pipe_event(&mut self, ev: PipeEvent) {
         match ev {
-            PipeEvent::Answer(id, response) => self.finish(Sent::Pipe(id), response),
+            PipeEvent::Answer(peer, id, answer) => match answer {
+                Some(PipeAnswer::Chunks(response)) => self.finish(Sent::Pipe(id), Some(response)),
+                Some(PipeAnswer::Release(response)) => self.release_answer(peer, Sent::Pipe(id), response),
+                None if self.pending.contains_key(&Sent::Pipe(id)) => self.finish(Sent::Pipe(id), None),
+                None => self.release_failed(peer, Sent::Pipe(id)),
+            },
             PipeEvent::Stalled(peer) => {
                 tracing::info!(%peer, "peer did not answer in time; disconnecting");
                 self.pipes.remove(&peer);
@@ -889,6 +910,11 @@ impl MeshActor {
                 }
             }
             PipeEvent::Request(peer, request, reply) => self.inbound(peer, request, Channel::Pipe(reply)),
+            PipeEvent::Release(peer, request, reply) => {
+                if let Some(response) = self.release_inbound(peer, request) {
+                    let _ = reply.send(response);
+                }
+            }
         }
     }
 
@@ -1081,76 +1107,96 @@ impl MeshActor {
         use request_response::{Event, Message};
         match ev {
             Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
-                if self.banned.contains_key(&peer) {
-                    return;
-                }
-                // Small answers from files or memory: read beside the swarm, answered at once.
-                let provider = self.provider.clone();
-                let mut learned = false;
-                let found = match request.ask {
-                    ReleaseAsk::Index => provider.index(&request.index),
-                    ReleaseAsk::HaveMap => provider.have_map(&request.index),
-                    ReleaseAsk::Exchange(theirs) => {
-                        if let Some(t) = self.tracked.as_mut().filter(|t| t.index == request.index)
-                            && theirs.len() == t.map_len as usize
-                        {
-                            t.set_haves(peer, theirs);
-                            learned = true;
-                        }
-                        provider.have_map(&request.index)
-                    }
-                };
-                let response = match found {
-                    Some(b) if !b.is_empty() && b.len() <= request.max_len as usize => ReleaseResponse::Found(b),
-                    _ => ReleaseResponse::NotFound,
-                };
-                let _ = self.swarm.behaviour_mut().release.send_response(channel, response);
-                if learned {
-                    // Requests waiting for a holder may have one now.
-                    self.drain_queue();
+                if let Some(response) = self.release_inbound(peer, request) {
+                    let _ = self.swarm.behaviour_mut().release.send_response(channel, response);
                 }
             }
             Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
-                match self.release_pending.remove(&request_id) {
-                    Some(ReleaseWait::Caller(reply)) => {
-                        let answer = (!self.banned.contains_key(&peer)).then_some(response);
-                        let _ = reply.send((peer, answer));
-                    }
-                    Some(ReleaseWait::HaveMap { index, .. }) => {
-                        let Some(t) = self.tracked.as_mut().filter(|t| t.index == index) else { return };
-                        t.asked.remove(&peer);
-                        if let ReleaseResponse::Found(bits) = response
-                            && bits.len() == t.map_len as usize
-                        {
-                            t.set_haves(peer, bits);
-                            // Requests waiting for a holder may have one now.
-                            self.drain_queue();
-                        }
-                    }
-                    None => {}
-                }
+                self.release_answer(peer, Sent::Stream(request_id), response);
             }
             Event::OutboundFailure { peer, request_id, error, .. } => {
                 tracing::debug!(%peer, %error, "release request failed");
-                match self.release_pending.remove(&request_id) {
-                    Some(ReleaseWait::Caller(reply)) => {
-                        let _ = reply.send((peer, None));
-                    }
-                    Some(ReleaseWait::HaveMap { index, exchange }) => {
-                        if let Some(t) = self.tracked.as_mut().filter(|t| t.index == index) {
-                            t.asked.remove(&peer);
-                        }
-                        if exchange && let Some(s) = self.peers.get_mut(&peer) {
-                            s.no_exchange = true;
-                        }
-                    }
-                    None => {}
-                }
+                self.release_failed(peer, Sent::Stream(request_id));
             }
             Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "answering a release request failed")
             }
             Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// The answer to a peer's release request (`None`: the peer is banned, no answer).
+    fn release_inbound(&mut self, peer: PeerId, request: ReleaseRequest) -> Option<ReleaseResponse> {
+        if self.banned.contains_key(&peer) {
+            return None;
+        }
+        // Small answers from files or memory: read beside the swarm, answered at once.
+        let provider = self.provider.clone();
+        let mut learned = false;
+        let found = match request.ask {
+            ReleaseAsk::Index => provider.index(&request.index),
+            ReleaseAsk::HaveMap => provider.have_map(&request.index),
+            ReleaseAsk::Exchange(theirs) => {
+                if let Some(t) = self.tracked.as_mut().filter(|t| t.index == request.index)
+                    && theirs.len() == t.map_len as usize
+                {
+                    t.set_haves(peer, theirs);
+                    learned = true;
+                }
+                provider.have_map(&request.index)
+            }
+        };
+        if learned {
+            // Requests waiting for a holder may have one now.
+            self.drain_queue();
+        }
+        Some(match found {
+            Some(b) if !b.is_empty() && b.len() <= request.max_len as usize => ReleaseResponse::Found(b),
+            _ => ReleaseResponse::NotFound,
+        })
+    }
+
+    /// `peer`'s answer to release request `id`.
+    fn release_answer(&mut self, peer: PeerId, id: Sent, response: ReleaseResponse) {
+        match self.release_pending.remove(&id) {
+            Some(ReleaseWait::Caller(reply)) => {
+                let answer = (!self.banned.contains_key(&peer)).then_some(response);
+                let _ = reply.send((peer, answer));
+            }
+            Some(ReleaseWait::HaveMap { index, .. }) => {
+                let Some(t) = self.tracked.as_mut().filter(|t| t.index == index) else { return };
+                t.asked.remove(&peer);
+                if let ReleaseResponse::Found(bits) = response
+                    && bits.len() == t.map_len as usize
+                {
+                    t.set_haves(peer, bits);
+                    // Requests waiting for a holder may have one now.
+                    self.drain_queue();
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Release request `id` to `peer` failed. A failed exchange on a stream of its own means
+    /// the peer predates exchanges (one on a pipe only that the pipe broke).
+    fn release_failed(&mut self, peer: PeerId, id: Sent) {
+        match self.release_pending.remove(&id) {
+            Some(ReleaseWait::Caller(reply)) => {
+                let _ = reply.send((peer, None));
+            }
+            Some(ReleaseWait::HaveMap { index, exchange }) => {
+                if let Some(t) = self.tracked.as_mut().filter(|t| t.index == index) {
+                    t.asked.remove(&peer);
+                }
+                if exchange
+                    && matches!(id, Sent::Stream(_))
+                    && let Some(s) = self.peers.get_mut(&peer)
+                {
+                    s.no_exchange = true;
+                }
+            }
+            None => {}
         }
     }
 
