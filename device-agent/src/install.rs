@@ -174,11 +174,11 @@ impl ChunkSource {
         }
     }
 
-    /// Where the last fetch of `id` came from: `peer`, `cdn` or `file`. Called once `id` is
-    /// written (peers are told of it from then on).
-    pub(crate) fn label_for(&self, id: &ChunkId) -> &'static str {
+    /// `id` was written to `path`, verified: peers are told of it from now on. Returns where
+    /// the last fetch of `id` came from: `peer`, `cdn` or `file`.
+    pub(crate) fn written(&self, id: &ChunkId, path: &Path) -> &'static str {
         match self {
-            Self::Peer(p) => p.source_of(id),
+            Self::Peer(p) => p.written(id, path),
             other => other.label(),
         }
     }
@@ -584,6 +584,7 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
     let mut lanes = [Lane::new(order, plan.parallel), Lane::new(rest, plan.parallel * PEER_LANE_FACTOR)];
     let mut outcome: Result<(), WriteError> = Ok(());
     let mut in_flight = None;
+    let image = Arc::new(plan.slots.image_path(plan.target));
     loop {
         // Keep each lane's fetches in flight without spawning one task per chunk up front.
         for (lane_no, lane) in lanes.iter_mut().enumerate() {
@@ -591,9 +592,10 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
                 let Some(id) = lane.pending.next() else { break };
                 lane.spawned += 1;
                 let (len, places) = todo.places[&id].clone();
-                let (source, file, cap, sem, log, phases) = (
+                let (source, file, image, cap, sem, log, phases) = (
                     plan.source.clone(),
                     file.clone(),
+                    image.clone(),
                     cap.clone(),
                     lane.sem.clone(),
                     plan.downloads_log.clone(),
@@ -609,7 +611,7 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
                         let places =
                             fetch_and_write(&source, &id, len, attempts, (&file, target, size, places), &phases)
                                 .await?;
-                        let from = source.label_for(&id);
+                        let from = source.written(&id, &image);
                         journal::log_download(&log, &id, from);
                         crash::point("chunk-written");
                         Ok::<_, WriteError>((len, places, from))

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,9 @@ const ORIGIN_DELAY: Duration = Duration::from_secs(2);
 /// fastest level, since a peer waits; it takes a third off the fleet bench's image on the
 /// site's links (CPU unchanged within that bench's spread), and more off real images.
 const SERVE_LEVEL: i32 = 1;
+/// Chunks remembered as incompressible at most (about 40 bytes each); past it the set starts
+/// again (it only spares compression attempts).
+const MAX_INCOMPRESSIBLE: usize = 1 << 18;
 /// How long the list of a site's agents is reused before the mesh is asked again.
 const AGENTS_FRESH: Duration = Duration::from_secs(1);
 /// With mDNS, discovery is taken as complete when no new peer appeared for this long.
@@ -145,6 +148,12 @@ pub struct SlotChunks {
     /// Chunks fetched for the install in progress (advertised in have-maps; a chunk reused
     /// from the active slot is not, which only means peers ask someone else for it).
     held: Mutex<std::collections::HashSet<ChunkId>>,
+    /// Chunks written (verified) by an install to the file they are served from: not hashed
+    /// again to serve them. A file served anew (a new install's target) loses its entries.
+    written: Mutex<HashMap<ChunkId, PathBuf>>,
+    /// Chunks that arrived raw (their sender found compression did not pay): served raw, not
+    /// compressed again in vain for every peer.
+    incompressible: Mutex<std::collections::HashSet<ChunkId>>,
 }
 
 /// Where each chunk of a slot's image is: id → (offset, length).
@@ -198,6 +207,7 @@ impl SlotChunks {
         for (offset, e) in index.iter_with_offsets() {
             map.entry(e.id).or_insert((offset, e.len));
         }
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, p| *p != path);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|(p, _)| *p != path);
         slots.push((path, Arc::new(map)));
@@ -221,6 +231,23 @@ impl SlotChunks {
         if let Some(s) = self.indexes.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
             s.set_all();
         }
+    }
+
+    /// Notes how `object` (chunk `id` as it arrived) was encoded.
+    fn note_encoding(&self, id: &ChunkId, object: &[u8]) {
+        if object.first() == Some(&object::FLAG_RAW) {
+            let mut set = self.incompressible.lock().unwrap_or_else(|e| e.into_inner());
+            if set.len() >= MAX_INCOMPRESSIBLE {
+                set.clear();
+            }
+            set.insert(*id);
+        }
+    }
+
+    /// `id` was written to `path` and verified.
+    fn mark_written(&self, id: &ChunkId, path: &Path) {
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, path.to_path_buf());
+        self.mark_held(id);
     }
 
     fn mark_held(&self, id: &ChunkId) {
@@ -247,8 +274,13 @@ impl ChunkProvider for SlotChunks {
             let Ok(f) = std::fs::File::open(&path) else { continue };
             let mut obj = vec![0u8; l as usize + 1];
             obj[0] = object::FLAG_RAW;
-            // Hashed in place: a chunk not written yet, or damaged, is not served.
-            if f.read_exact_at(&mut obj[1..], offset).is_ok() && ChunkId::of(&obj[1..]) == *id {
+            // Hashed in place, unless this agent wrote it there verified: a chunk not written
+            // yet, or damaged, is not served.
+            let written = self.written.lock().unwrap_or_else(|e| e.into_inner()).get(id) == Some(&path);
+            if f.read_exact_at(&mut obj[1..], offset).is_ok() && (written || ChunkId::of(&obj[1..]) == *id) {
+                if self.incompressible.lock().unwrap_or_else(|e| e.into_inner()).contains(id) {
+                    return Some(obj);
+                }
                 return Some(object::shrink(obj, SERVE_LEVEL));
             }
         }
@@ -439,6 +471,7 @@ impl PeerFirst {
         loop {
             match self.mesh.fetch(*id, len).await {
                 Ok(f) => {
+                    self.provider.note_encoding(id, &f.object);
                     self.record(id, "peer");
                     return Ok(crate::install::Got::Verified(f.data));
                 }
@@ -472,10 +505,10 @@ impl PeerFirst {
             tokio::time::sleep(PEER_RETRY.min(self.deadline.saturating_sub(started.elapsed()))).await;
         }
         self.record(id, "cdn");
-        self.cdn
-            .get_bounded(&format!("/v1/chunks/{id}"), object::max_object_len(len))
-            .await
-            .map(crate::install::Got::Object)
+        let obj = self.cdn.get_bounded(&format!("/v1/chunks/{id}"), object::max_object_len(len)).await?;
+        // Unverified yet, but only a hint: a raw object is one the publisher could not shrink.
+        self.provider.note_encoding(id, &obj);
+        Ok(crate::install::Got::Object(obj))
     }
 
     /// Whether this agent is the one of its site to fetch `id` from the origin.
@@ -564,11 +597,12 @@ impl PeerFirst {
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, source);
     }
 
-    /// `id` was written: it shows in have-maps from now on (not when it arrived, or peers
-    /// would ask for a chunk not yet on disk and be told "not found"). Returns where it came
-    /// from (`peer` or `cdn`).
-    pub(crate) fn source_of(&self, id: &ChunkId) -> &'static str {
-        self.provider.mark_held(id);
+    /// `id` was written to `path`, verified: it shows in have-maps from now on (not when it
+    /// arrived, or peers would ask for a chunk not yet on disk and be told "not found"), and
+    /// is served from `path` without hashing it again. Returns where it came from (`peer` or
+    /// `cdn`).
+    pub(crate) fn written(&self, id: &ChunkId, path: &Path) -> &'static str {
+        self.provider.mark_written(id, path);
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).remove(id).unwrap_or("cdn")
     }
 }
@@ -629,7 +663,7 @@ mod tests {
         partial[150_000..].fill(0);
         std::fs::write(&path, &partial).unwrap();
         let p = SlotChunks::default();
-        p.serve(path, &index);
+        p.serve(path.clone(), &index);
         let (mut served, mut refused, mut compressed) = (0, 0, 0);
         for (offset, e) in index.iter_with_offsets() {
             match p.object(&e.id, e.len) {
@@ -646,6 +680,12 @@ mod tests {
         }
         assert!(served > 0 && refused > 0, "served {served}, refused {refused}");
         assert!(compressed > 0 && compressed < served, "{compressed} of {served} served compressed");
+        // A chunk that arrived raw is served raw: its sender found compression did not pay.
+        let (offset, text) = index.iter_with_offsets().next().unwrap();
+        assert_eq!(p.object(&text.id, text.len).unwrap()[0], object::FLAG_ZSTD);
+        let raw = [&[object::FLAG_RAW][..], &data[offset as usize..][..text.len as usize]].concat();
+        p.note_encoding(&text.id, &raw);
+        assert_eq!(p.object(&text.id, text.len), Some(raw));
         assert_eq!(p.object(&ChunkId::of(b"unknown"), 7), None);
 
         // The have-map follows what arrives: nothing, one chunk (every entry of it), all.
@@ -661,5 +701,20 @@ mod tests {
         assert_eq!(bits(&p.have_map(&id).unwrap()), (0..n).collect::<Vec<_>>());
         assert_eq!(p.have_map(&IndexId::of(b"other")), None);
         assert_eq!(p.index(&id), Some(index.encode()));
+
+        // A chunk this agent wrote there is served without hashing it again (here a chunk
+        // marked written whose bytes are still zeros, to show it), until the file is served
+        // anew, for another install.
+        let (offset, last) = index.iter_with_offsets().last().unwrap();
+        assert!(offset >= 150_000);
+        assert_eq!(p.object(&last.id, last.len), None);
+        p.mark_written(&last.id, &path);
+        let trusted = p.object(&last.id, last.len).expect("served unhashed");
+        assert!(object::decode(&trusted, &last.id, last.len).is_err());
+        p.mark_written(&last.id, &dir.path().join("elsewhere.img"));
+        assert_eq!(p.object(&last.id, last.len), None, "written to another file: hashed");
+        p.mark_written(&last.id, &path);
+        p.serve(path.clone(), &index);
+        assert_eq!(p.object(&last.id, last.len), None, "served anew: hashed again");
     }
 }

@@ -107,6 +107,7 @@ pub(super) async fn fetch_patch(
         order[k].2.push((i, offset));
     }
     let record_path = plan.record_path();
+    let patch_path = Arc::new(plan.patch_path());
     let slot_io = |source| Outcome::Slot(WriteError::Io { slot: target, source });
     record.save(&record_path, &bits).map_err(slot_io)?;
     let phases = Arc::new(crate::install::Phases::default());
@@ -120,8 +121,9 @@ pub(super) async fn fetch_patch(
     loop {
         while failure.is_none() && tasks.len() < fetching.parallel.max(1) * 2 {
             let Some((id, len, places)) = pending.next() else { break };
-            let (f, source, sem, phases, log) = (
+            let (f, patch_path, source, sem, phases, log) = (
                 patch_file.clone(),
+                patch_path.clone(),
                 fetching.source.clone(),
                 sem.clone(),
                 phases.clone(),
@@ -136,7 +138,7 @@ pub(super) async fn fetch_patch(
                 let places =
                     crate::install::fetch_and_write(&source, &id, len, attempts, (&f, target, size, places), &phases)
                         .await?;
-                let _ = source.label_for(&id);
+                let _ = source.written(&id, &patch_path);
                 journal::log_download(&log, &id, "delta");
                 crash::point("patch-chunk-fetched");
                 Ok::<_, WriteError>((len, places))
