@@ -145,7 +145,7 @@ pub struct SlotChunks {
     /// The releases served: encoded index (peers of offline sites fetch it) and have-map,
     /// kept up to date as chunks arrive rather than rebuilt for every peer's request.
     indexes: Mutex<HashMap<IndexId, ServedIndex>>,
-    /// Chunks fetched for the install in progress (advertised in have-maps; a chunk reused
+    /// Chunks fetched and written for the install in progress (advertised in have-maps; a chunk reused
     /// from the active slot is not, which only means peers ask someone else for it).
     held: Mutex<std::collections::HashSet<ChunkId>>,
     /// Chunks written (verified) by an install to the file they are served from: not hashed

@@ -1066,7 +1066,11 @@ mod tests {
         let mut config = agent();
         config.bootstrap = vec![x.listen_addrs().await.unwrap()[0].clone()];
         let y = Mesh::start(config, py.clone()).await.unwrap();
-        y.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+        // Each has identified the other before tracking, so every have-map request can take
+        // a pipe (identify says whether the peer takes them).
+        for mesh in [&x, &y] {
+            mesh.wait_for_peers(1, Duration::from_secs(10)).await.unwrap();
+        }
         // The lower id leads the exchange; the other only answers.
         let ((leader, lp), (follower, fp)) =
             if x.peer_id() < y.peer_id() { ((&x, &px), (&y, &py)) } else { ((&y, &py), (&x, &px)) };

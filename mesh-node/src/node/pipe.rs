@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
@@ -92,7 +92,8 @@ async fn run(
     events: mpsc::UnboundedSender<PipeEvent>,
     timeout: Duration,
 ) {
-    let sent = Arc::new(Mutex::new(VecDeque::new()));
+    // Shared by the writer and the reader of `carry`, both borrowing it.
+    let sent = Mutex::new(VecDeque::new());
     match open(&mut control, peer, timeout).await {
         Ok(stream) => {
             if let Err(e) = carry(stream, &mut rx, &sent, &events, peer, timeout).await {
