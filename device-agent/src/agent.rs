@@ -17,7 +17,7 @@ use crate::client::{CheckOutcome, ClientError, Coordinator, EnrollRequest};
 use crate::config::{Config, SlotsConfig};
 use crate::crash;
 use crate::durable::write_atomic;
-use crate::events::{EventKind, EventQueue};
+use crate::events::{Event, EventKind, EventQueue};
 use crate::install::{self, ChunkSource, WriteError, WritePlan};
 use crate::journal::{ByteSources, Journal, JournalError, MAX_TRANSITIONS, Release, State, Target};
 use crate::probation::{Probation, ProbationPolicy};
@@ -411,6 +411,59 @@ impl Agent {
         self.push_event(kind, ids, bytes, detail);
     }
 
+    /// An event about `release`, not queued yet (see [`Agent::record`]).
+    fn new_event(kind: EventKind, release: Option<&Release>, bytes: ByteSources, detail: Option<String>) -> Event {
+        let ids = (release.and_then(|r| r.release_id), release.map(|r| r.version_code));
+        EventQueue::make(kind, ids, bytes, detail)
+    }
+
+    /// Saves the journal (moved to `state`, when given) together with the event that reports
+    /// the change, then queues the event. The event rides in the journal's outbox across the
+    /// save, so a power cut before it reaches the queue loses nothing: the next command
+    /// queues it from the outbox under the same id ([`Agent::journal_locked`]).
+    ///
+    /// # Errors
+    /// The journal's; the event is then not queued either.
+    fn record(&self, j: &mut Journal, state: Option<State>, event: Event) -> Result<(), JournalError> {
+        j.outbox.push(event);
+        let saved = match state {
+            Some(s) => j.transition(s, &self.paths.journal()),
+            None => j.save(&self.paths.journal()),
+        };
+        let event = j.outbox.pop().unwrap_or_else(|| unreachable!("pushed above"));
+        saved?;
+        crash::point("recorded");
+        match self.queue.put(&event) {
+            // Dropped from the outbox in memory: the next save forgets it. Until then a
+            // restart would queue it again, which the coordinator records once.
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot queue an event; it stays in the journal's outbox");
+                j.outbox.push(event);
+            }
+        }
+        Ok(())
+    }
+
+    /// The journal, for a command that holds the state lock: events that a power cut left
+    /// in its outbox are queued first (see [`Agent::record`]).
+    fn journal_locked(&self) -> Result<Journal, AgentError> {
+        let mut j = self.journal()?;
+        if j.outbox.is_empty() {
+            return Ok(j);
+        }
+        for e in &j.outbox {
+            if let Err(err) = self.queue.put(e) {
+                tracing::error!(error = %err, "cannot queue the journal's outbox; trying again next time");
+                return Ok(j);
+            }
+        }
+        tracing::info!(events = j.outbox.len(), "queued the events an interrupted run left in the journal");
+        j.outbox.clear();
+        j.save(&self.paths.journal())?;
+        Ok(j)
+    }
+
     fn push_event(&self, kind: EventKind, ids: (Option<i64>, Option<u64>), bytes: ByteSources, detail: Option<String>) {
         if let Err(e) = self.queue.push(kind, ids, bytes, detail) {
             tracing::error!(error = %e, "cannot queue an event");
@@ -505,7 +558,7 @@ impl Agent {
     /// [`AgentError`]; a refused release is also reported as a `failed` event.
     pub async fn check_once(&self) -> Result<CheckReport, AgentError> {
         let _lock = self.lock(false)?;
-        let mut j = self.journal()?;
+        let mut j = self.journal_locked()?;
         let _ = self.flush_events().await;
         if let Some(r) = self.resume_activation(&mut j)? {
             return Ok(r);
@@ -607,7 +660,7 @@ impl Agent {
     /// [`AgentError`]; [`AgentError::Export`] when the tar does not unpack.
     pub async fn install_export(&self, path: &Path) -> Result<CheckReport, AgentError> {
         let _lock = self.lock(false)?;
-        let mut j = self.journal()?;
+        let mut j = self.journal_locked()?;
         if let Some(r) = self.resume_activation(&mut j)? {
             return Ok(r);
         }
@@ -789,8 +842,8 @@ impl Agent {
                 activated: false,
             });
             j.last_error = None;
-            j.transition(State::Downloading, &self.paths.journal())?;
-            self.event(EventKind::Downloading, Some(&release), ByteSources::default(), None);
+            let e = Self::new_event(EventKind::Downloading, Some(&release), ByteSources::default(), None);
+            self.record(j, Some(State::Downloading), e)?;
         } else {
             j.save(&self.paths.journal())?;
             tracing::info!(version = %release.version, slot = %slot, "resuming the install");
@@ -857,10 +910,10 @@ impl Agent {
         if let Some(t) = &mut j.target {
             t.bytes = bytes;
         }
-        j.transition(State::Staged, &self.paths.journal())?;
+        let e = Self::new_event(EventKind::Staged, Some(&release), ByteSources::default(), None);
+        self.record(j, Some(State::Staged), e)?;
         let _ = std::fs::remove_file(self.paths.progress());
         crate::delta::DeltaPlan::clean(&self.paths.dir);
-        self.event(EventKind::Staged, Some(&release), ByteSources::default(), None);
         crash::point("staged");
         self.activate(j)?;
         Ok(CheckReport::Staged { version: release.version.clone(), slot, bytes })
@@ -875,8 +928,7 @@ impl Agent {
             if let Some(tm) = &mut j.target {
                 tm.activated = true;
             }
-            j.save(&self.paths.journal())?;
-            self.event(EventKind::Applied, Some(&t.release), ByteSources::default(), None);
+            self.record(j, None, Self::new_event(EventKind::Applied, Some(&t.release), ByteSources::default(), None))?;
             tracing::info!(slot = %t.slot, version = %t.release.version, "switched; reboot to run the new slot");
             if let Some((cmd, args)) = self.config.reboot_command.split_first() {
                 let _ = std::process::Command::new(cmd).args(args).status();
@@ -888,15 +940,14 @@ impl Agent {
     fn fail(&self, j: &mut Journal, release: &Release, e: AgentError) -> AgentError {
         tracing::error!(error = %e, version = %release.version, "install failed; the active slot is untouched");
         j.last_error = Some(e.to_string());
-        if let Err(save) = j.transition(State::Failed, &self.paths.journal()) {
+        let bytes = j.target.as_ref().map(|t| t.bytes).unwrap_or_default();
+        let event = Self::new_event(EventKind::Failed, Some(release), bytes, Some(e.to_string()));
+        if let Err(save) = self.record(j, Some(State::Failed), event.clone()) {
             tracing::error!(error = %save, "cannot record the failure");
+            if let Err(e) = self.queue.put(&event) {
+                tracing::error!(error = %e, "cannot queue an event");
+            }
         }
-        self.event(
-            EventKind::Failed,
-            Some(release),
-            j.target.as_ref().map(|t| t.bytes).unwrap_or_default(),
-            Some(e.to_string()),
-        );
         e
     }
 
@@ -907,7 +958,7 @@ impl Agent {
     /// [`AgentError`].
     pub async fn boot_check(&self) -> Result<BootReport, AgentError> {
         let _lock = self.lock(true)?;
-        let mut j = self.journal()?;
+        let mut j = self.journal_locked()?;
         let booted = self.boot.boot(j.active)?;
         let report = match (j.state, j.target.clone()) {
             (State::Staged, Some(t)) => {
@@ -915,8 +966,8 @@ impl Agent {
                     if let Some(tm) = &mut j.target {
                         tm.attempts = 0;
                     }
-                    j.transition(State::Trial, &self.paths.journal())?;
-                    self.event(EventKind::Booted, Some(&t.release), ByteSources::default(), None);
+                    let e = Self::new_event(EventKind::Booted, Some(&t.release), ByteSources::default(), None);
+                    self.record(&mut j, Some(State::Trial), e)?;
                     crash::point("trial");
                     self.trial(&mut j).await?
                 } else if !t.activated {
@@ -1013,9 +1064,8 @@ impl Agent {
             j.security_floor = j.security_floor.max(t.release.security_version);
         }
         j.last_error = None;
-        j.transition(State::Committed, &self.paths.journal())?;
+        self.record(j, Some(State::Committed), Self::new_event(EventKind::Healthy, Some(&t.release), t.bytes, None))?;
         let _ = std::fs::remove_file(self.paths.healthy_flag());
-        self.event(EventKind::Healthy, Some(&t.release), t.bytes, None);
         Ok(BootReport::Committed { slot: t.slot, version: t.release.version })
     }
 
@@ -1029,9 +1079,9 @@ impl Agent {
         }
         j.active = good;
         j.last_error = Some(why.clone());
-        j.transition(State::RolledBack, &self.paths.journal())?;
+        let e = Self::new_event(EventKind::RolledBack, Some(&t.release), ByteSources::default(), Some(why.clone()));
+        self.record(j, Some(State::RolledBack), e)?;
         let _ = std::fs::remove_file(self.paths.healthy_flag());
-        self.event(EventKind::RolledBack, Some(&t.release), ByteSources::default(), Some(why.clone()));
         Ok(BootReport::RolledBack { slot: good, reason: why })
     }
 

@@ -26,6 +26,7 @@ pub const POINTS: &[&str] = &[
     "slot-hashed",
     "staged",
     "activated",
+    "recorded",
     "trial",
     "committed-env",
     "rolled-back-env",

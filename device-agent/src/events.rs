@@ -98,7 +98,7 @@ impl EventQueue {
         Self { dir: dir.to_path_buf() }
     }
 
-    /// Queues an event (for a release id and version_code, when known) durably and logs it on the `flotilla::events::install` target.
+    /// Queues an event (for a release id and version_code, when known) durably: [`EventQueue::make`] then [`EventQueue::put`].
     ///
     /// # Errors
     /// I/O.
@@ -109,6 +109,19 @@ impl EventQueue {
         bytes: ByteSources,
         detail: Option<String>,
     ) -> std::io::Result<Event> {
+        let event = Self::make(kind, release, bytes, detail);
+        self.put(&event)?;
+        Ok(event)
+    }
+
+    /// A new event with its unique id (the detail cut to [`MAX_DETAIL`]), logged on the
+    /// `flotilla::events::install` target; not queued yet.
+    pub fn make(
+        kind: EventKind,
+        release: (Option<i64>, Option<u64>),
+        bytes: ByteSources,
+        detail: Option<String>,
+    ) -> Event {
         let detail = detail.map(|mut d| {
             if d.len() > MAX_DETAIL {
                 let mut cut = MAX_DETAIL;
@@ -138,12 +151,21 @@ impl EventQueue {
             detail = event.detail.as_deref().unwrap_or(""),
             "install event"
         );
+        event
+    }
+
+    /// Queues `event` durably, in a file named by its id: putting the same event again
+    /// rewrites that file, and once it is sent the coordinator records its id only once.
+    ///
+    /// # Errors
+    /// I/O.
+    pub fn put(&self, event: &Event) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let path = self.dir.join(format!("{}.json", event.id));
-        write_atomic(&path, &serde_json::to_vec(&event).unwrap_or_default())?;
+        write_atomic(&path, &serde_json::to_vec(event).unwrap_or_default())?;
         let _ = std::fs::remove_file(crate::durable::previous_of(&path));
         crash::point("event-queued");
-        Ok(event)
+        Ok(())
     }
 
     /// Queued events, oldest first, with their files.

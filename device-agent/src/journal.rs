@@ -13,6 +13,7 @@ use flotilla_core::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::durable::{self, Sealed};
+use crate::events::Event;
 use crate::probation::Probation;
 use crate::slot::SlotName;
 
@@ -178,6 +179,11 @@ pub struct Journal {
     /// The committed slot's crash-loop probation, while it lasts ([`crate::probation`]).
     #[serde(default)]
     pub probation: Option<Probation>,
+    /// Events saved with the state change they report, until they are in the event queue
+    /// (a transactional outbox: a power cut between the journal save and the queue write
+    /// loses neither). See `Agent::record`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<Event>,
 }
 
 impl Default for Journal {
@@ -194,6 +200,7 @@ impl Default for Journal {
             blacklist: Vec::new(),
             last_error: None,
             probation: None,
+            outbox: Vec::new(),
         }
     }
 }

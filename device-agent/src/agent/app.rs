@@ -385,7 +385,7 @@ impl Agent {
     /// [`AgentError`] from the journal or the pointer.
     pub fn app_started(&self) -> Result<AppStart, AgentError> {
         let _lock = self.lock(true)?;
-        let mut j = self.journal()?;
+        let mut j = self.journal_locked()?;
         let Some(t) = j.target.clone() else { return Ok(AppStart::Normal) };
         let limit = self.config.health.boot_attempts;
         match j.state {
@@ -401,8 +401,8 @@ impl Agent {
                 if let Some(tm) = &mut j.target {
                     tm.attempts = 1;
                 }
-                j.transition(State::Trial, &self.paths.journal())?;
-                self.event(EventKind::Booted, Some(&t.release), ByteSources::default(), None);
+                let e = Self::new_event(EventKind::Booted, Some(&t.release), ByteSources::default(), None);
+                self.record(&mut j, Some(State::Trial), e)?;
                 Ok(AppStart::OnTrial { version: t.release.version, starts: 1 })
             }
             State::Trial => {
@@ -439,7 +439,7 @@ impl Agent {
     /// [`AgentError`] from the journal or the pointer.
     pub async fn app_healthy(&self) -> Result<Option<String>, AgentError> {
         let lock = self.lock(true)?;
-        let mut j = self.journal()?;
+        let mut j = self.journal_locked()?;
         if j.state != State::Trial || j.target.is_none() {
             return Ok(None);
         }
@@ -460,7 +460,7 @@ impl Agent {
     /// [`AgentError`] from the journal or the pointer.
     pub async fn app_rollback(&self, why: &str) -> Result<Option<String>, AgentError> {
         let lock = self.lock(true)?;
-        let mut j = self.journal()?;
+        let mut j = self.journal_locked()?;
         if !matches!(j.state, State::Staged | State::Trial) || j.target.is_none() {
             return Ok(None);
         }

@@ -113,9 +113,9 @@ impl Agent {
         j.active = good;
         j.probation = None;
         j.last_error = Some(why.clone());
-        j.transition(State::RolledBack, &self.paths.journal())?;
+        let e = Self::new_event(EventKind::RolledBack, release.as_ref(), ByteSources::default(), Some(why.clone()));
+        self.record(j, Some(State::RolledBack), e)?;
         let _ = std::fs::remove_file(self.paths.healthy_flag());
-        self.event(EventKind::RolledBack, release.as_ref(), ByteSources::default(), Some(why.clone()));
         Ok(BootReport::RolledBack { slot: good, reason: why })
     }
 
@@ -127,7 +127,7 @@ impl Agent {
     /// The journal or the bootloader state.
     pub async fn report_crash(&self) -> Result<Option<BootReport>, AgentError> {
         let lock = self.lock(true)?;
-        let mut j = self.journal()?;
+        let mut j = self.journal_locked()?;
         if j.state != State::Committed {
             return Ok(None);
         }

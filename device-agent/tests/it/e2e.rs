@@ -162,6 +162,64 @@ fn export_installs_offline_and_events_wait_for_the_coordinator() {
     assert_eq!(rel["bytes"]["local"], v1.len() as u64);
 }
 
+/// The kinds of the events queued on `dev`, oldest first.
+fn queued_kinds(dev: &Device) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(dev.path("state/events")) else { return Vec::new() };
+    let mut events: Vec<(String, String)> = dir
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let e: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            (e["id"].as_str().unwrap().to_owned(), e["kind"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    events.sort();
+    events.into_iter().map(|(_, kind)| kind).collect()
+}
+
+#[test]
+fn a_power_cut_after_each_state_change_loses_none_of_its_events() {
+    let coord = Coordinator::start();
+    let publisher = Publisher::new(&coord);
+    let v1 = image(25, 1 << 20);
+    std::fs::write(publisher.path("v1.img"), &v1).unwrap();
+    let r1 = publisher.release("1.0.0", &publisher.path("v1.img"), &[]);
+    let export = publisher.path("export");
+    publisher.export(r1["id"].as_i64().unwrap(), &export);
+    let dev = Device::new(&coord, &publisher.path("root.json"), SlotKind::File, &DeviceOptions::default());
+    dev.write_config("http://127.0.0.1:9", &DeviceOptions::default());
+
+    // Every run is cut right after the journal records its first state change, before that
+    // change's event is queued. The next run queues it from the journal's outbox first.
+    let install = ["install", export.to_str().unwrap()];
+    let runs: [(&[&str], &str); 5] = [
+        (&install, "downloading"),
+        (&install, "staged"),
+        (&install, "applied"),
+        (&["boot-check"], "booted"),
+        (&["boot-check"], "healthy"),
+    ];
+    for (i, (args, state)) in runs.iter().enumerate() {
+        let out = dev.cmd(args).env("FLOTILLA_AGENT_CRASH_AT", "recorded:1").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("crash point recorded"), "run {i} ({state}): {stderr}");
+        assert_eq!(queued_kinds(&dev).len(), i, "run {i} ({state}): its event is not queued yet");
+    }
+    assert_eq!(dev.boot_check().1["outcome"], "normal");
+    assert_eq!(dev.status()["installed"]["version"], "1.0.0");
+    assert_eq!(queued_kinds(&dev), ["downloading", "staged", "applied", "booted", "healthy"]);
+
+    // Delivered once the coordinator is back, each recorded once.
+    dev.write_config(&coord.url, &DeviceOptions::default());
+    assert_eq!(dev.check_once()["outcome"], "up_to_date");
+    assert_eq!(dev.status()["pending_events"], 0);
+    let rel = wait_for("the healthy report", Duration::from_secs(20), || {
+        let r = publisher.show(r1["id"].as_i64().unwrap());
+        (r["rollout"]["healthy"] == 1).then_some(r)
+    });
+    assert_eq!(rel["bytes"]["local"], v1.len() as u64, "the healthy report, once: {rel}");
+}
+
 #[test]
 fn export_tar_installs_and_a_bad_tar_is_refused() {
     let coord = Coordinator::start();

@@ -22,11 +22,12 @@ const INSTALL_POINTS: &[&str] = &[
     "slot-hashed",
     "staged",
     "activated",
+    "recorded",
     "event-queued",
     "events-sent",
 ];
 const BOOT_POINTS: &[&str] =
-    &["journal-temp", "journal-renamed", "env-written", "trial", "committed-env", "event-queued"];
+    &["journal-temp", "journal-renamed", "env-written", "trial", "committed-env", "recorded", "event-queued"];
 
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
