@@ -47,6 +47,8 @@ const SERVE_LEVEL: i32 = 1;
 /// Chunks remembered as incompressible at most (about 40 bytes each); past it the set starts
 /// again (it only spares compression attempts).
 const MAX_INCOMPRESSIBLE: usize = 1 << 18;
+/// Default of [`MeshSettings::serve_cache`].
+const DEFAULT_SERVE_CACHE: usize = 16 << 20;
 /// How long the list of a site's agents is reused before the mesh is asked again.
 const AGENTS_FRESH: Duration = Duration::from_secs(1);
 /// With mDNS, discovery is taken as complete when no new peer appeared for this long.
@@ -84,6 +86,11 @@ pub struct MeshSettings {
     /// key connect (TCP only: QUIC addresses are refused with a key).
     #[serde(default)]
     pub psk_file: Option<PathBuf>,
+    /// Bytes of compressed chunks kept in memory as they arrived, to serve them to peers
+    /// without compressing them again (default 16 MiB; 0 turns it off). Peers mostly ask for
+    /// what arrived last, so a few MiB cover most requests.
+    #[serde(default = "default_serve_cache")]
+    pub serve_cache: usize,
 }
 
 impl Default for MeshSettings {
@@ -97,8 +104,12 @@ impl Default for MeshSettings {
             max_upload_rate: None,
             kademlia: true,
             psk_file: None,
+            serve_cache: DEFAULT_SERVE_CACHE,
         }
     }
+}
+fn default_serve_cache() -> usize {
+    DEFAULT_SERVE_CACHE
 }
 fn yes() -> bool {
     true
@@ -140,8 +151,13 @@ impl MeshSettings {
 /// What the agent's node serves: chunks of its slots, through verified releases' indexes.
 #[derive(Debug, Default)]
 pub struct SlotChunks {
+    /// Compressed objects as they arrived, served again as they are.
+    recent: Mutex<RecentObjects>,
     // A std Mutex: held only to look up or replace the maps, never across I/O.
     slots: Mutex<Vec<(PathBuf, Arc<Placements>)>>,
+    /// The served files, opened once (not for every chunk served); reopened when a file is
+    /// served anew.
+    files: Mutex<HashMap<PathBuf, Arc<std::fs::File>>>,
     /// The releases served: encoded index (peers of offline sites fetch it) and have-map,
     /// kept up to date as chunks arrive rather than rebuilt for every peer's request.
     indexes: Mutex<HashMap<IndexId, ServedIndex>>,
@@ -154,6 +170,49 @@ pub struct SlotChunks {
     /// Chunks that arrived raw (their sender found compression did not pay): served raw, not
     /// compressed again in vain for every peer.
     incompressible: Mutex<std::collections::HashSet<ChunkId>>,
+}
+
+/// Compressed objects as they arrived from a peer or the CDN, kept (up to a budget of bytes,
+/// oldest out first) to serve peers without compressing the chunk again. An object is served
+/// only once its chunk was written verified: what was verified is that the object decodes to
+/// the chunk, so the same bytes are a valid answer.
+#[derive(Debug, Default)]
+struct RecentObjects {
+    budget: usize,
+    bytes: usize,
+    /// Object and whether its chunk was written verified.
+    objects: HashMap<ChunkId, (Vec<u8>, bool)>,
+    order: std::collections::VecDeque<ChunkId>,
+}
+
+impl RecentObjects {
+    fn arrived(&mut self, id: &ChunkId, object: &[u8]) {
+        if object.len() > self.budget {
+            return;
+        }
+        if let Some((old, _)) = self.objects.insert(*id, (object.to_vec(), false)) {
+            self.bytes -= old.len();
+        } else {
+            self.order.push_back(*id);
+        }
+        self.bytes += object.len();
+        while self.bytes > self.budget {
+            let Some(oldest) = self.order.pop_front() else { break };
+            if let Some((old, _)) = self.objects.remove(&oldest) {
+                self.bytes -= old.len();
+            }
+        }
+    }
+
+    fn verified(&mut self, id: &ChunkId) {
+        if let Some((_, verified)) = self.objects.get_mut(id) {
+            *verified = true;
+        }
+    }
+
+    fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        self.objects.get(id).filter(|(_, verified)| *verified).map(|(object, _)| object.clone())
+    }
 }
 
 /// Where each chunk of a slot's image is: id → (offset, length).
@@ -201,6 +260,13 @@ impl ServedIndex {
 }
 
 impl SlotChunks {
+    /// Serves nothing yet; keeps up to `serve_cache` bytes of compressed objects as they
+    /// arrived (see [`MeshSettings::serve_cache`]).
+    pub fn new(serve_cache: usize) -> Self {
+        let recent = RecentObjects { budget: serve_cache, ..RecentObjects::default() };
+        Self { recent: Mutex::new(recent), ..Self::default() }
+    }
+
     /// Serves `index`'s chunks from the image file `path` (replacing what was served from it).
     pub fn serve(&self, path: PathBuf, index: &ChunkIndex) {
         let mut map = HashMap::new();
@@ -208,6 +274,7 @@ impl SlotChunks {
             map.entry(e.id).or_insert((offset, e.len));
         }
         self.written.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, p| *p != path);
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).remove(&path);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|(p, _)| *p != path);
         slots.push((path, Arc::new(map)));
@@ -233,9 +300,22 @@ impl SlotChunks {
         }
     }
 
-    /// Notes how `object` (chunk `id` as it arrived) was encoded.
+    /// `path` opened for reading, once.
+    fn file(&self, path: &Path) -> Option<Arc<std::fs::File>> {
+        if let Some(f) = self.files.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
+            return Some(f.clone());
+        }
+        let f = Arc::new(std::fs::File::open(path).ok()?);
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_path_buf(), f.clone());
+        Some(f)
+    }
+
+    /// Notes how `object` (chunk `id` as it arrived, not verified yet) was encoded; keeps it
+    /// when compressed, to serve once the chunk is written verified.
     fn note_encoding(&self, id: &ChunkId, object: &[u8]) {
-        if object.first() == Some(&object::FLAG_RAW) {
+        if object.first() == Some(&object::FLAG_ZSTD) {
+            self.recent.lock().unwrap_or_else(|e| e.into_inner()).arrived(id, object);
+        } else if object.first() == Some(&object::FLAG_RAW) {
             let mut set = self.incompressible.lock().unwrap_or_else(|e| e.into_inner());
             if set.len() >= MAX_INCOMPRESSIBLE {
                 set.clear();
@@ -246,6 +326,7 @@ impl SlotChunks {
 
     /// `id` was written to `path` and verified.
     fn mark_written(&self, id: &ChunkId, path: &Path) {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).verified(id);
         self.written.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, path.to_path_buf());
         self.mark_held(id);
     }
@@ -268,10 +349,13 @@ impl ChunkProvider for SlotChunks {
     }
 
     fn object(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
+        if let Some(object) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return Some(object);
+        }
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (path, map) in slots {
             let Some(&(offset, l)) = map.get(id).filter(|(_, l)| *l == len) else { continue };
-            let Ok(f) = std::fs::File::open(&path) else { continue };
+            let Some(f) = self.file(&path) else { continue };
             let mut obj = vec![0u8; l as usize + 1];
             obj[0] = object::FLAG_RAW;
             // Hashed in place, unless this agent wrote it there verified: a chunk not written
@@ -368,7 +452,7 @@ impl MeshSlot {
             self.settings.psk_file.as_deref().map(flotilla_mesh::load_psk).transpose().map_err(|e| e.to_string())?;
         config.trust_root = self.trust_root.lock().unwrap_or_else(|e| e.into_inner()).clone();
         config.keypair = Some(flotilla_mesh::cache::load_or_create_key(&self.key_path).map_err(|e| e.to_string())?);
-        let provider = Arc::new(SlotChunks::default());
+        let provider = Arc::new(SlotChunks::new(self.settings.serve_cache));
         let mesh = Mesh::start(config, provider.clone()).await.map_err(|e| e.to_string())?;
         // Origin rendezvous needs the site's agents to see the same peers: give bootstrap
         // peers and mDNS a moment to connect before the first chunk is asked for.
@@ -716,5 +800,43 @@ mod tests {
         p.mark_written(&last.id, &path);
         p.serve(path.clone(), &index);
         assert_eq!(p.object(&last.id, last.len), None, "served anew: hashed again");
+    }
+
+    #[test]
+    fn compressed_objects_are_served_as_they_arrived_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: Vec<u8> =
+            (0..3000u32).flat_map(|i| format!("line {} of the bundle\n", i % 97).into_bytes()).collect();
+        let chunks: Vec<&[u8]> = text.chunks(text.len() / 3).take(3).collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+        // Compressed harder than a peer serving it would (level 19 against 1): the bytes served
+        // are the ones that arrived, not a new compression.
+        let objects: Vec<Vec<u8>> = chunks.iter().map(|c| object::encode(c, 19)).collect();
+        assert!(objects.iter().all(|o| o[0] == object::FLAG_ZSTD));
+        // Room for two of the three objects.
+        let p = SlotChunks::new(objects[0].len() + objects[1].len() + objects[2].len() / 2);
+        let len = u32::try_from(chunks[0].len()).unwrap();
+        let file = dir.path().join("slot.img");
+        p.note_encoding(&ids[0], &objects[0]);
+        assert_eq!(p.object(&ids[0], len), None, "not served before it is written verified");
+        p.mark_written(&ids[0], &file);
+        assert_eq!(p.object(&ids[0], len), Some(objects[0].clone()), "served from memory, no slot needed");
+        // A raw arrival is not kept; a third compressed one pushes the oldest out.
+        let raw = [&[object::FLAG_RAW][..], chunks[1]].concat();
+        p.note_encoding(&ids[1], &raw);
+        p.mark_written(&ids[1], &file);
+        assert_eq!(p.object(&ids[1], len), None);
+        p.note_encoding(&ids[1], &objects[1]);
+        p.note_encoding(&ids[2], &objects[2]);
+        p.mark_written(&ids[1], &file);
+        p.mark_written(&ids[2], &file);
+        assert_eq!(p.object(&ids[0], len), None, "the oldest went first");
+        assert_eq!(p.object(&ids[1], len), Some(objects[1].clone()));
+        assert_eq!(p.object(&ids[2], len), Some(objects[2].clone()));
+        // Off with a budget of 0.
+        let off = SlotChunks::new(0);
+        off.note_encoding(&ids[0], &objects[0]);
+        off.mark_written(&ids[0], &file);
+        assert_eq!(off.object(&ids[0], len), None);
     }
 }
