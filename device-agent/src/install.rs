@@ -254,22 +254,19 @@ struct ReadBack {
 }
 
 impl ReadBack {
-    fn start(file: Arc<File>, phases: Arc<Phases>) -> Self {
+    fn start(path: PathBuf, file: Arc<File>, phases: Arc<Phases>) -> Self {
         let (upto, rx) = std::sync::mpsc::channel::<u64>();
         let task = tokio::task::spawn_blocking(move || {
             let mut sha = sha2::Sha256::new();
-            let mut buf = vec![0u8; crate::slot::READ_BUF];
+            // The prefix up to `end` is synced: the hash is of what the media returns
+            // (DESIGN.md: "check its SHA-256 from the media").
+            let mut media = crate::slot::MediaReader::open(&path, file);
             let mut pos = 0u64;
             for end in rx {
                 let t = Instant::now();
-                // The prefix up to `end` is synced: drop its cached pages so the hash is of
-                // what the media returns (DESIGN.md: "check its SHA-256 from the media").
-                crate::slot::drop_cached(&file, pos, end.saturating_sub(pos));
-                while pos < end {
-                    let n = (end - pos).min(buf.len() as u64) as usize;
-                    file.read_exact_at(&mut buf[..n], pos)?;
-                    sha.update(&buf[..n]);
-                    pos += n as u64;
+                if end > pos {
+                    media.read(pos, end, &mut |b| sha.update(b))?;
+                    pos = end;
                 }
                 Phases::add(&phases.hash, t);
             }
@@ -487,7 +484,7 @@ pub async fn write_slot(plan: WritePlan<'_>) -> Result<Written, WriteError> {
     }
 
     let phases = Arc::new(Phases::default());
-    let read_back = ReadBack::start(file.clone(), phases.clone());
+    let read_back = ReadBack::start(plan.slots.image_path(target), file.clone(), phases.clone());
     let mut frontier = Frontier::default();
 
     // 2. Reuse from the active slot.

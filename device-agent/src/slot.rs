@@ -9,12 +9,14 @@
 //!   the device itself (`lseek(SEEK_END)`: no ioctl, no `unsafe`), and an image larger than
 //!   the device is refused before a byte is written. Only raw images fit a partition.
 //!
-//! Read-back: before a slot is hashed for the switch, the page cache of the range is dropped
-//! (`posix_fadvise(POSIX_FADV_DONTNEED)` after `fdatasync`), so the hash is of what the media
-//! returns, not of what the writer left in memory ([`drop_cached`]).
+//! Read-back: a slot is hashed for the switch from what the media returns, not from what the
+//! writer left in memory ([`MediaReader`]): read with `O_DIRECT` (after `fdatasync`), which
+//! bypasses the page cache and leaves it as it is for the peers served from the slot; where
+//! the file system refuses `O_DIRECT` (tmpfs), the range's cached pages are dropped first
+//! (`posix_fadvise(POSIX_FADV_DONTNEED)`, [`drop_cached`]) and it is read through the cache.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _};
+use std::io;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
@@ -244,22 +246,8 @@ impl Slots {
         let path = self.image_path(slot);
         let io = |source| SlotError::Io { slot, path: path.clone(), source };
         let f = File::open(&path).map_err(io)?;
-        drop_cached(&f, 0, size);
-        let mut reader = f.take(size);
         let mut sha = sha2::Sha256::new();
-        let mut buf = vec![0u8; READ_BUF];
-        let mut total = 0u64;
-        loop {
-            let n = reader.read(&mut buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            sha.update(&buf[..n]);
-            total += n as u64;
-        }
-        if total != size {
-            return Err(io(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{total} of {size} bytes"))));
-        }
+        MediaReader::open(&path, std::sync::Arc::new(f)).read(0, size, &mut |b| sha.update(b)).map_err(io)?;
         Ok(Sha256Digest::from_bytes(sha.finalize().into()))
     }
 
@@ -313,6 +301,88 @@ pub fn device_size(f: &mut File) -> io::Result<u64> {
     Ok(end)
 }
 
+/// Alignment of `O_DIRECT` reads (offset, length and buffer): the largest logical block size
+/// in use, which also suits 512-byte devices.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Reads a slot's bytes as the media returns them (see the module's doc): `O_DIRECT` when the
+/// file system takes it, else the buffered file after dropping the range's cached pages.
+#[derive(Debug)]
+pub struct MediaReader {
+    direct: Option<File>,
+    buffered: std::sync::Arc<File>,
+    /// [`READ_BUF`] bytes at an aligned address start at `start`.
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl MediaReader {
+    /// A reader of the file at `path`, of which `buffered` is an open handle (the fallback).
+    pub fn open(path: &Path, buffered: std::sync::Arc<File>) -> Self {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let flags = i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap_or(0);
+        let direct = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "no O_DIRECT; the read-back drops cached pages instead");
+                None
+            }
+        };
+        let buf = vec![0u8; READ_BUF + DIRECT_ALIGN];
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        Self { direct, buffered, buf, start }
+    }
+
+    /// Feeds bytes `pos..end` of the file, read from the media, to `sink`, in order. The range
+    /// must be synced (`fdatasync`) before.
+    ///
+    /// # Errors
+    /// I/O; `UnexpectedEof` when the file ends before `end`.
+    pub fn read(&mut self, mut pos: u64, end: u64, sink: &mut impl FnMut(&[u8])) -> io::Result<()> {
+        let align = DIRECT_ALIGN as u64;
+        while pos < end {
+            if let Some(direct) = &self.direct {
+                // Whole aligned blocks around the range; only the range is fed.
+                let block = pos - pos % align;
+                let skip = (pos - block) as usize;
+                let want = usize::try_from(end - block).unwrap_or(usize::MAX).min(READ_BUF);
+                let len = want.next_multiple_of(DIRECT_ALIGN).min(READ_BUF);
+                let buf = &mut self.buf[self.start..][..len];
+                match direct.read_at(buf, block) {
+                    Ok(n) if n > skip => {
+                        let usable = n.min(want);
+                        sink(&buf[skip..usable]);
+                        pos = block + usable as u64;
+                    }
+                    Ok(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the slot ends at {pos} bytes, before {end}"),
+                        ));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                        // An alignment this file does not take: read through the cache.
+                        tracing::debug!(error = %e, "O_DIRECT read refused; the read-back drops cached pages instead");
+                        self.direct = None;
+                    }
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            drop_cached(&self.buffered, pos, end - pos);
+            let buf = &mut self.buf[..READ_BUF];
+            while pos < end {
+                let n = usize::try_from(end - pos).unwrap_or(usize::MAX).min(buf.len());
+                self.buffered.read_exact_at(&mut buf[..n], pos)?;
+                sink(&buf[..n]);
+                pos += n as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Drops the page cache of `len` bytes at `offset` of `f` (`POSIX_FADV_DONTNEED`), so the next
 /// read comes from the media. Only clean pages are dropped: call it after `fdatasync`. It is
 /// advice: where the kernel ignores it (tmpfs keeps everything in memory anyway) nothing
@@ -351,5 +421,39 @@ mod tests {
         assert_eq!(slots.hash_image(SlotName::B, 5).unwrap(), Sha256Digest::of(b"hello"));
         assert!(slots.hash_image(SlotName::B, 6).is_err());
         assert_eq!(SlotName::A.other(), SlotName::B);
+    }
+
+    #[test]
+    fn media_reader_feeds_exactly_the_ranges_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot.img");
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..(3 * READ_BUF + 12_345))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = std::sync::Arc::new(File::open(&path).unwrap());
+        // Unaligned ends, a range longer than the buffer, one inside a block, up to the end.
+        let cuts = [0, 1, 4095, 4097, 70_000, 70_001, 2 * READ_BUF + 3, data.len() - 1, data.len()];
+        for direct in [true, false] {
+            let mut reader = MediaReader::open(&path, file.clone());
+            if !direct {
+                reader.direct = None;
+            }
+            let mut got = Vec::new();
+            for w in cuts.windows(2) {
+                let before = got.len();
+                reader.read(w[0] as u64, w[1] as u64, &mut |b| got.extend_from_slice(b)).unwrap();
+                assert_eq!(got.len() - before, w[1] - w[0], "direct {direct}: range {w:?}");
+            }
+            assert!(got == data, "direct {direct}: the bytes fed are the file's");
+            let e = reader.read(data.len() as u64 - 10, data.len() as u64 + 10, &mut |_| {}).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "direct {direct}");
+        }
     }
 }
