@@ -414,13 +414,14 @@ impl Agent {
     /// An event about `release`, not queued yet (see [`Agent::record`]).
     fn new_event(kind: EventKind, release: Option<&Release>, bytes: ByteSources, detail: Option<String>) -> Event {
         let ids = (release.and_then(|r| r.release_id), release.map(|r| r.version_code));
-        EventQueue::make(kind, ids, bytes, detail)
+        Event::new(kind, ids, bytes, detail)
     }
 
     /// Saves the journal (moved to `state`, when given) together with the event that reports
-    /// the change, then queues the event. The event rides in the journal's outbox across the
-    /// save, so a power cut before it reaches the queue loses nothing: the next command
-    /// queues it from the outbox under the same id ([`Agent::journal_locked`]).
+    /// the change, then queues the journal's outbox, that event last. The event rides in the
+    /// outbox across the save, so a power cut before it reaches the queue loses nothing: the
+    /// next command that holds the state lock queues it under the same id
+    /// ([`Agent::journal_locked`]), and so does the next `record`, before its own event.
     ///
     /// # Errors
     /// The journal's; the event is then not queued either.
@@ -430,19 +431,30 @@ impl Agent {
             Some(s) => j.transition(s, &self.paths.journal()),
             None => j.save(&self.paths.journal()),
         };
-        let event = j.outbox.pop().unwrap_or_else(|| unreachable!("pushed above"));
-        saved?;
-        crash::point("recorded");
-        match self.queue.put(&event) {
-            // Dropped from the outbox in memory: the next save forgets it. Until then a
-            // restart would queue it again, which the coordinator records once.
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot queue an event; it stays in the journal's outbox");
-                j.outbox.push(event);
-            }
+        if let Err(e) = saved {
+            j.outbox.pop();
+            return Err(e);
         }
+        crash::point("recorded");
+        self.drain_outbox(j);
         Ok(())
+    }
+
+    /// Queues the journal's outbox in order and empties it in memory: the next save forgets
+    /// the events, and until then a restart queues them again, which the coordinator records
+    /// once. What cannot be queued stays, with what follows it, so the order holds. Returns
+    /// whether the outbox is empty.
+    fn drain_outbox(&self, j: &mut Journal) -> bool {
+        let queued = j.outbox.iter().take_while(|e| match self.queue.put(e) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot queue an event; it stays in the journal's outbox");
+                false
+            }
+        });
+        let n = queued.count();
+        j.outbox.drain(..n);
+        j.outbox.is_empty()
     }
 
     /// The journal, for a command that holds the state lock: events that a power cut left
@@ -452,15 +464,11 @@ impl Agent {
         if j.outbox.is_empty() {
             return Ok(j);
         }
-        for e in &j.outbox {
-            if let Err(err) = self.queue.put(e) {
-                tracing::error!(error = %err, "cannot queue the journal's outbox; trying again next time");
-                return Ok(j);
-            }
+        let n = j.outbox.len();
+        if self.drain_outbox(&mut j) {
+            tracing::info!(events = n, "queued the events an interrupted run left in the journal");
+            j.save(&self.paths.journal())?;
         }
-        tracing::info!(events = j.outbox.len(), "queued the events an interrupted run left in the journal");
-        j.outbox.clear();
-        j.save(&self.paths.journal())?;
         Ok(j)
     }
 
@@ -943,6 +951,9 @@ impl Agent {
         let bytes = j.target.as_ref().map(|t| t.bytes).unwrap_or_default();
         let event = Self::new_event(EventKind::Failed, Some(release), bytes, Some(e.to_string()));
         if let Err(save) = self.record(j, Some(State::Failed), event.clone()) {
+            // This run's install failed whether or not the journal can say so (the state
+            // directory is likely failing too): the coordinator still hears of it, if the
+            // queue can take it, as it did before events went through the journal.
             tracing::error!(error = %save, "cannot record the failure");
             if let Err(e) = self.queue.put(&event) {
                 tracing::error!(error = %e, "cannot queue an event");

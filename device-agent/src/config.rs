@@ -427,6 +427,9 @@ impl Config {
         {
             return invalid("mesh.psk_file", &e.to_string());
         }
+        if self.mesh.serve_cache > crate::peer::MAX_SERVE_CACHE {
+            return invalid("mesh.serve_cache", "at most 1 GiB (1073741824 bytes)");
+        }
         if let SlotsConfig::File { a, b } | SlotsConfig::Block { a, b } = &self.slots
             && a == b
         {

@@ -79,6 +79,42 @@ pub struct Event {
     pub detail: Option<String>,
 }
 
+impl Event {
+    /// A new event with its unique id (the detail cut to [`MAX_DETAIL`]), logged on the
+    /// `flotilla::events::install` target; not queued yet.
+    pub fn new(
+        kind: EventKind,
+        release: (Option<i64>, Option<u64>),
+        bytes: ByteSources,
+        detail: Option<String>,
+    ) -> Self {
+        let detail = detail.map(|mut d| {
+            if d.len() > MAX_DETAIL {
+                let mut cut = MAX_DETAIL;
+                while !d.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                d.truncate(cut);
+            }
+            d
+        });
+        let event =
+            Self { id: unique_id(), kind, release_id: release.0, version_code: release.1, bytes: bytes.into(), detail };
+        tracing::event!(
+            target: "flotilla::events::install",
+            tracing::Level::INFO,
+            kind = ?event.kind,
+            version_code = ?event.version_code,
+            cdn = event.bytes.cdn,
+            local = event.bytes.local,
+            delta = event.bytes.delta,
+            detail = event.detail.as_deref().unwrap_or(""),
+            "install event"
+        );
+        event
+    }
+}
+
 /// The on-disk queue.
 #[derive(Debug, Clone)]
 pub struct EventQueue {
@@ -98,7 +134,7 @@ impl EventQueue {
         Self { dir: dir.to_path_buf() }
     }
 
-    /// Queues an event (for a release id and version_code, when known) durably: [`EventQueue::make`] then [`EventQueue::put`].
+    /// Queues an event (for a release id and version_code, when known) durably: [`Event::new`] then [`EventQueue::put`].
     ///
     /// # Errors
     /// I/O.
@@ -109,49 +145,9 @@ impl EventQueue {
         bytes: ByteSources,
         detail: Option<String>,
     ) -> std::io::Result<Event> {
-        let event = Self::make(kind, release, bytes, detail);
+        let event = Event::new(kind, release, bytes, detail);
         self.put(&event)?;
         Ok(event)
-    }
-
-    /// A new event with its unique id (the detail cut to [`MAX_DETAIL`]), logged on the
-    /// `flotilla::events::install` target; not queued yet.
-    pub fn make(
-        kind: EventKind,
-        release: (Option<i64>, Option<u64>),
-        bytes: ByteSources,
-        detail: Option<String>,
-    ) -> Event {
-        let detail = detail.map(|mut d| {
-            if d.len() > MAX_DETAIL {
-                let mut cut = MAX_DETAIL;
-                while !d.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                d.truncate(cut);
-            }
-            d
-        });
-        let event = Event {
-            id: unique_id(),
-            kind,
-            release_id: release.0,
-            version_code: release.1,
-            bytes: bytes.into(),
-            detail,
-        };
-        tracing::event!(
-            target: "flotilla::events::install",
-            tracing::Level::INFO,
-            kind = ?event.kind,
-            version_code = ?event.version_code,
-            cdn = event.bytes.cdn,
-            local = event.bytes.local,
-            delta = event.bytes.delta,
-            detail = event.detail.as_deref().unwrap_or(""),
-            "install event"
-        );
-        event
     }
 
     /// Queues `event` durably, in a file named by its id: putting the same event again

@@ -734,15 +734,15 @@ pub(crate) async fn fetch_and_write(
         let last: Result<(), WriteError> = match fetched {
             Ok(got) => {
                 let (id2, ph, f) = (*id, phases.clone(), file.clone());
-                let (verified, back) = tokio::task::spawn_blocking(move || {
+                let (verified, back, object) = tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
-                    let data = match got {
+                    let (data, object) = match got {
                         // Checked by the mesh against the id; the length is the index's.
-                        Got::Verified(data) if data.len() == len as usize => data,
-                        Got::Verified(_) => return (Ok(Err(object::ObjectError::Empty)), places),
+                        Got::Verified(data) if data.len() == len as usize => (data, None),
+                        Got::Verified(_) => return (Ok(Err(object::ObjectError::Empty)), places, None),
                         Got::Object(obj) => match object::decode(&obj, &id2, len) {
-                            Ok(data) => data,
-                            Err(e) => return (Ok(Err(e)), places),
+                            Ok(data) => (data, Some(obj)),
+                            Err(e) => return (Ok(Err(e)), places, None),
                         },
                     };
                     Phases::add(&ph.verify, t);
@@ -750,11 +750,15 @@ pub(crate) async fn fetch_and_write(
                     let t = Instant::now();
                     let written = write_all_places(&f, &data, &places);
                     Phases::add(&ph.write, t);
-                    (written.map(Ok), places)
+                    (written.map(Ok), places, object)
                 })
                 .await
                 .map_err(|e| WriteError::Task(e.to_string()))?;
                 places = back;
+                if let (Some(object), ChunkSource::Peer(p)) = (&object, source) {
+                    // Decoded to the chunk above: peers may be served these very bytes.
+                    p.verified_object(id, object);
+                }
                 match verified.map_err(|source| WriteError::slot_io(slot, size, source))? {
                     Ok(()) => return Ok(places),
                     Err(source) => {

@@ -174,7 +174,7 @@ impl Agent {
         let cdn = self.config.coordinator.as_ref().and_then(|_| self.coordinator().ok());
         let Some(chunks) = self.mesh.offline_source(cdn).await else { return Ok(None) };
         let _lock = self.lock(false)?;
-        let mut j = self.journal()?;
+        let mut j = self.journal_locked()?;
         let src = Incoming {
             envelope: m.envelope_json(),
             assignment: None,

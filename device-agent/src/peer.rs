@@ -8,10 +8,12 @@
 //! go to the CDN themselves, so a site pulls each chunk from the origin about once.
 //!
 //! The node serves the chunks of this device's slots straight from the slot files through
-//! the indexes of verified releases (no second copy): the active slot's release, and the
-//! release being installed, whose chunks are served as soon as they are written. Every
-//! chunk is hashed in place before it is served, so a chunk not yet written (or damaged) is
-//! never sent.
+//! the indexes of verified releases: the active slot's release, and the release being
+//! installed, whose chunks are served as soon as they are written. A chunk is hashed in place
+//! before it is served, so a chunk not yet written (or damaged) is never sent, unless this
+//! agent wrote it there verified itself. The one second copy is in memory and bounded
+//! ([`MeshSettings::serve_cache`]): chunks that arrived compressed, kept as they came once
+//! they were verified, and served as they are.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt as _;
@@ -49,6 +51,8 @@ const SERVE_LEVEL: i32 = 1;
 const MAX_INCOMPRESSIBLE: usize = 1 << 18;
 /// Default of [`MeshSettings::serve_cache`].
 const DEFAULT_SERVE_CACHE: usize = 16 << 20;
+/// Largest [`MeshSettings::serve_cache`] the config takes.
+pub const MAX_SERVE_CACHE: usize = 1 << 30;
 /// How long the list of a site's agents is reused before the mesh is asked again.
 const AGENTS_FRESH: Duration = Duration::from_secs(1);
 /// With mDNS, discovery is taken as complete when no new peer appeared for this long.
@@ -151,13 +155,11 @@ impl MeshSettings {
 /// What the agent's node serves: chunks of its slots, through verified releases' indexes.
 #[derive(Debug, Default)]
 pub struct SlotChunks {
-    /// Compressed objects as they arrived, served again as they are.
+    /// Compressed objects as they arrived, verified, served again as they are. A std Mutex
+    /// like the others: held to look up, insert or copy one object, never across I/O.
     recent: Mutex<RecentObjects>,
     // A std Mutex: held only to look up or replace the maps, never across I/O.
     slots: Mutex<Vec<(PathBuf, Arc<Placements>)>>,
-    /// The served files, opened once (not for every chunk served); reopened when a file is
-    /// served anew.
-    files: Mutex<HashMap<PathBuf, Arc<std::fs::File>>>,
     /// The releases served: encoded index (peers of offline sites fetch it) and have-map,
     /// kept up to date as chunks arrive rather than rebuilt for every peer's request.
     indexes: Mutex<HashMap<IndexId, ServedIndex>>,
@@ -173,24 +175,23 @@ pub struct SlotChunks {
 }
 
 /// Compressed objects as they arrived from a peer or the CDN, kept (up to a budget of bytes,
-/// oldest out first) to serve peers without compressing the chunk again. An object is served
-/// only once its chunk was written verified: what was verified is that the object decodes to
-/// the chunk, so the same bytes are a valid answer.
+/// oldest out first) to serve peers without compressing the chunk again. Only an object that
+/// was verified gets in (it decoded to its chunk: the mesh checks what peers send, the
+/// install what the CDN sends), so the same bytes are a valid answer.
 #[derive(Debug, Default)]
 struct RecentObjects {
     budget: usize,
     bytes: usize,
-    /// Object and whether its chunk was written verified.
-    objects: HashMap<ChunkId, (Vec<u8>, bool)>,
+    objects: HashMap<ChunkId, Vec<u8>>,
     order: std::collections::VecDeque<ChunkId>,
 }
 
 impl RecentObjects {
-    fn arrived(&mut self, id: &ChunkId, object: &[u8]) {
+    fn keep(&mut self, id: &ChunkId, object: &[u8]) {
         if object.len() > self.budget {
             return;
         }
-        if let Some((old, _)) = self.objects.insert(*id, (object.to_vec(), false)) {
+        if let Some(old) = self.objects.insert(*id, object.to_vec()) {
             self.bytes -= old.len();
         } else {
             self.order.push_back(*id);
@@ -198,20 +199,14 @@ impl RecentObjects {
         self.bytes += object.len();
         while self.bytes > self.budget {
             let Some(oldest) = self.order.pop_front() else { break };
-            if let Some((old, _)) = self.objects.remove(&oldest) {
+            if let Some(old) = self.objects.remove(&oldest) {
                 self.bytes -= old.len();
             }
         }
     }
 
-    fn verified(&mut self, id: &ChunkId) {
-        if let Some((_, verified)) = self.objects.get_mut(id) {
-            *verified = true;
-        }
-    }
-
     fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        self.objects.get(id).filter(|(_, verified)| *verified).map(|(object, _)| object.clone())
+        self.objects.get(id).cloned()
     }
 }
 
@@ -274,7 +269,6 @@ impl SlotChunks {
             map.entry(e.id).or_insert((offset, e.len));
         }
         self.written.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, p| *p != path);
-        self.files.lock().unwrap_or_else(|e| e.into_inner()).remove(&path);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|(p, _)| *p != path);
         slots.push((path, Arc::new(map)));
@@ -300,22 +294,17 @@ impl SlotChunks {
         }
     }
 
-    /// `path` opened for reading, once.
-    fn file(&self, path: &Path) -> Option<Arc<std::fs::File>> {
-        if let Some(f) = self.files.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
-            return Some(f.clone());
+    /// Keeps `object`, verified to decode to chunk `id`, to serve it as it is, when it is
+    /// compressed.
+    fn keep_verified(&self, id: &ChunkId, object: &[u8]) {
+        if object.first() == Some(&object::FLAG_ZSTD) {
+            self.recent.lock().unwrap_or_else(|e| e.into_inner()).keep(id, object);
         }
-        let f = Arc::new(std::fs::File::open(path).ok()?);
-        self.files.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_path_buf(), f.clone());
-        Some(f)
     }
 
-    /// Notes how `object` (chunk `id` as it arrived, not verified yet) was encoded; keeps it
-    /// when compressed, to serve once the chunk is written verified.
+    /// Notes how `object` (chunk `id` as it arrived, not verified yet) was encoded.
     fn note_encoding(&self, id: &ChunkId, object: &[u8]) {
-        if object.first() == Some(&object::FLAG_ZSTD) {
-            self.recent.lock().unwrap_or_else(|e| e.into_inner()).arrived(id, object);
-        } else if object.first() == Some(&object::FLAG_RAW) {
+        if object.first() == Some(&object::FLAG_RAW) {
             let mut set = self.incompressible.lock().unwrap_or_else(|e| e.into_inner());
             if set.len() >= MAX_INCOMPRESSIBLE {
                 set.clear();
@@ -326,7 +315,6 @@ impl SlotChunks {
 
     /// `id` was written to `path` and verified.
     fn mark_written(&self, id: &ChunkId, path: &Path) {
-        self.recent.lock().unwrap_or_else(|e| e.into_inner()).verified(id);
         self.written.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, path.to_path_buf());
         self.mark_held(id);
     }
@@ -355,7 +343,7 @@ impl ChunkProvider for SlotChunks {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (path, map) in slots {
             let Some(&(offset, l)) = map.get(id).filter(|(_, l)| *l == len) else { continue };
-            let Some(f) = self.file(&path) else { continue };
+            let Ok(f) = std::fs::File::open(&path) else { continue };
             let mut obj = vec![0u8; l as usize + 1];
             obj[0] = object::FLAG_RAW;
             // Hashed in place, unless this agent wrote it there verified: a chunk not written
@@ -556,6 +544,8 @@ impl PeerFirst {
             match self.mesh.fetch(*id, len).await {
                 Ok(f) => {
                     self.provider.note_encoding(id, &f.object);
+                    // The mesh decoded it to the chunk before handing it over.
+                    self.provider.keep_verified(id, &f.object);
                     self.record(id, "peer");
                     return Ok(crate::install::Got::Verified(f.data));
                 }
@@ -689,6 +679,11 @@ impl PeerFirst {
         self.provider.mark_written(id, path);
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).remove(id).unwrap_or("cdn")
     }
+
+    /// `object`, from the CDN, decoded to chunk `id`: peers may be served it as it is.
+    pub(crate) fn verified_object(&self, id: &ChunkId, object: &[u8]) {
+        self.provider.keep_verified(id, object);
+    }
 }
 
 #[cfg(test)]
@@ -803,7 +798,7 @@ mod tests {
     }
 
     #[test]
-    fn compressed_objects_are_served_as_they_arrived_once_written() {
+    fn compressed_objects_are_served_as_they_arrived_once_verified() {
         let dir = tempfile::tempdir().unwrap();
         let text: Vec<u8> =
             (0..3000u32).flat_map(|i| format!("line {} of the bundle\n", i % 97).into_bytes()).collect();
@@ -817,26 +812,27 @@ mod tests {
         let p = SlotChunks::new(objects[0].len() + objects[1].len() + objects[2].len() / 2);
         let len = u32::try_from(chunks[0].len()).unwrap();
         let file = dir.path().join("slot.img");
-        p.note_encoding(&ids[0], &objects[0]);
-        assert_eq!(p.object(&ids[0], len), None, "not served before it is written verified");
+        // An object that only arrived (from the CDN, not decoded yet) is never kept, even once
+        // its chunk is written from another answer: it may be junk.
+        let junk = object::encode(b"not the chunk at all, but compressible compressible compressible", 19);
+        assert_eq!(junk[0], object::FLAG_ZSTD);
+        p.note_encoding(&ids[0], &junk);
         p.mark_written(&ids[0], &file);
+        assert_eq!(p.object(&ids[0], len), None, "an unverified arrival is not served");
+        p.keep_verified(&ids[0], &objects[0]);
         assert_eq!(p.object(&ids[0], len), Some(objects[0].clone()), "served from memory, no slot needed");
-        // A raw arrival is not kept; a third compressed one pushes the oldest out.
+        // A raw object is not kept; a third compressed one pushes the oldest out.
         let raw = [&[object::FLAG_RAW][..], chunks[1]].concat();
-        p.note_encoding(&ids[1], &raw);
-        p.mark_written(&ids[1], &file);
+        p.keep_verified(&ids[1], &raw);
         assert_eq!(p.object(&ids[1], len), None);
-        p.note_encoding(&ids[1], &objects[1]);
-        p.note_encoding(&ids[2], &objects[2]);
-        p.mark_written(&ids[1], &file);
-        p.mark_written(&ids[2], &file);
+        p.keep_verified(&ids[1], &objects[1]);
+        p.keep_verified(&ids[2], &objects[2]);
         assert_eq!(p.object(&ids[0], len), None, "the oldest went first");
         assert_eq!(p.object(&ids[1], len), Some(objects[1].clone()));
         assert_eq!(p.object(&ids[2], len), Some(objects[2].clone()));
         // Off with a budget of 0.
         let off = SlotChunks::new(0);
-        off.note_encoding(&ids[0], &objects[0]);
-        off.mark_written(&ids[0], &file);
+        off.keep_verified(&ids[0], &objects[0]);
         assert_eq!(off.object(&ids[0], len), None);
     }
 }
