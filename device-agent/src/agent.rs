@@ -407,8 +407,9 @@ impl Agent {
     }
 
     fn event(&self, kind: EventKind, release: Option<&Release>, bytes: ByteSources, detail: Option<String>) {
-        let ids = (release.and_then(|r| r.release_id), release.map(|r| r.version_code));
-        self.push_event(kind, ids, bytes, detail);
+        if let Err(e) = self.queue.put(&Self::new_event(kind, release, bytes, detail)) {
+            tracing::error!(error = %e, "cannot queue an event");
+        }
     }
 
     /// An event about `release`, not queued yet (see [`Agent::record`]).

@@ -126,19 +126,44 @@ fn dir_slots_v1_then_v2_swap_the_bundle_pointer() {
     assert_eq!(std::fs::read(current.join("new.txt")).unwrap(), b"hi");
 }
 
+/// A 1 MiB release (image from `seed`) published and exported to a directory, and a device
+/// offline: its coordinator URL points nowhere.
+struct Offline {
+    coord: Coordinator,
+    publisher: Publisher,
+    v1: Vec<u8>,
+    id: i64,
+    export: std::path::PathBuf,
+    dev: Device,
+}
+
+impl Offline {
+    fn new(seed: u64) -> Self {
+        let coord = Coordinator::start();
+        let publisher = Publisher::new(&coord);
+        let v1 = image(seed, 1 << 20);
+        std::fs::write(publisher.path("v1.img"), &v1).unwrap();
+        let id = publisher.release("1.0.0", &publisher.path("v1.img"), &[])["id"].as_i64().unwrap();
+        let export = publisher.path("export");
+        publisher.export(id, &export);
+        let dev = Device::new(&coord, &publisher.path("root.json"), SlotKind::File, &DeviceOptions::default());
+        dev.write_config("http://127.0.0.1:9", &DeviceOptions::default());
+        Self { coord, publisher, v1, id, export, dev }
+    }
+
+    /// The release once the coordinator recorded the device's healthy report.
+    fn healthy_report(&self) -> serde_json::Value {
+        wait_for("the queued healthy report", Duration::from_secs(20), || {
+            let r = self.publisher.show(self.id);
+            (r["rollout"]["healthy"] == 1).then_some(r)
+        })
+    }
+}
+
 #[test]
 fn export_installs_offline_and_events_wait_for_the_coordinator() {
-    let coord = Coordinator::start();
-    let publisher = Publisher::new(&coord);
-    let v1 = image(21, 1 << 20);
-    std::fs::write(publisher.path("v1.img"), &v1).unwrap();
-    let r1 = publisher.release("1.0.0", &publisher.path("v1.img"), &[]);
-    let export = publisher.path("export");
-    publisher.export(r1["id"].as_i64().unwrap(), &export);
-
-    // Offline device: its coordinator URL points nowhere.
-    let dev = Device::new(&coord, &publisher.path("root.json"), SlotKind::File, &DeviceOptions::default());
-    dev.write_config("http://127.0.0.1:9", &DeviceOptions::default());
+    let o = Offline::new(21);
+    let (coord, v1, export, dev) = (&o.coord, &o.v1, &o.export, &o.dev);
     let out = dev.ok(&["install", export.to_str().unwrap(), "--json"]);
     assert_eq!(out["outcome"], "staged", "{out}");
     assert_eq!(out["bytes"]["file"], v1.len() as u64);
@@ -154,12 +179,7 @@ fn export_installs_offline_and_events_wait_for_the_coordinator() {
     assert_eq!(dev.status()["pending_events"], queued);
     assert_eq!(dev.check_once()["outcome"], "up_to_date");
     assert_eq!(dev.status()["pending_events"], 0);
-    let id = r1["id"].as_i64().unwrap();
-    let rel = wait_for("the queued healthy report", Duration::from_secs(20), || {
-        let r = publisher.show(id);
-        (r["rollout"]["healthy"] == 1).then_some(r)
-    });
-    assert_eq!(rel["bytes"]["local"], v1.len() as u64);
+    assert_eq!(o.healthy_report()["bytes"]["local"], v1.len() as u64);
 }
 
 /// The kinds of the events queued on `dev`, oldest first.
@@ -179,15 +199,8 @@ fn queued_kinds(dev: &Device) -> Vec<String> {
 
 #[test]
 fn a_power_cut_after_each_state_change_loses_none_of_its_events() {
-    let coord = Coordinator::start();
-    let publisher = Publisher::new(&coord);
-    let v1 = image(25, 1 << 20);
-    std::fs::write(publisher.path("v1.img"), &v1).unwrap();
-    let r1 = publisher.release("1.0.0", &publisher.path("v1.img"), &[]);
-    let export = publisher.path("export");
-    publisher.export(r1["id"].as_i64().unwrap(), &export);
-    let dev = Device::new(&coord, &publisher.path("root.json"), SlotKind::File, &DeviceOptions::default());
-    dev.write_config("http://127.0.0.1:9", &DeviceOptions::default());
+    let o = Offline::new(25);
+    let (coord, v1, export, dev) = (&o.coord, &o.v1, &o.export, &o.dev);
 
     // Every run is cut right after the journal records its first state change, before that
     // change's event is queued. The next run queues it from the journal's outbox first.
@@ -203,20 +216,17 @@ fn a_power_cut_after_each_state_change_loses_none_of_its_events() {
         let out = dev.cmd(args).env("FLOTILLA_AGENT_CRASH_AT", "recorded:1").output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains("crash point recorded"), "run {i} ({state}): {stderr}");
-        assert_eq!(queued_kinds(&dev).len(), i, "run {i} ({state}): its event is not queued yet");
+        assert_eq!(queued_kinds(dev).len(), i, "run {i} ({state}): its event is not queued yet");
     }
     assert_eq!(dev.boot_check().1["outcome"], "normal");
     assert_eq!(dev.status()["installed"]["version"], "1.0.0");
-    assert_eq!(queued_kinds(&dev), ["downloading", "staged", "applied", "booted", "healthy"]);
+    assert_eq!(queued_kinds(dev), ["downloading", "staged", "applied", "booted", "healthy"]);
 
     // Delivered once the coordinator is back, each recorded once.
     dev.write_config(&coord.url, &DeviceOptions::default());
     assert_eq!(dev.check_once()["outcome"], "up_to_date");
     assert_eq!(dev.status()["pending_events"], 0);
-    let rel = wait_for("the healthy report", Duration::from_secs(20), || {
-        let r = publisher.show(r1["id"].as_i64().unwrap());
-        (r["rollout"]["healthy"] == 1).then_some(r)
-    });
+    let rel = o.healthy_report();
     assert_eq!(rel["bytes"]["local"], v1.len() as u64, "the healthy report, once: {rel}");
 }
 
